@@ -1,0 +1,30 @@
+"""hicache: training-free feature caching for diffusion transformers (HiCache, TaylorSeer, FORA).
+
+    import hicache
+    handle = hicache.apply_cache(pipe.transformer, hicache.CacheConfig("hicache", interval=7, order=2), "flux")
+    image = pipe(prompt).images[0]
+    print(hicache.cache_summary(pipe.transformer, 50))
+"""
+
+from .api import CacheHandle, CacheSummary, apply_cache, cache_context, cache_summary, remove_cache, reset_cache
+from .config import CacheConfig
+from .forecast import METHODS
+from .recipes import Recipe, available_recipes, get_recipe, register_recipe
+
+__all__ = [
+    "CacheConfig",
+    "CacheHandle",
+    "CacheSummary",
+    "METHODS",
+    "Recipe",
+    "apply_cache",
+    "available_recipes",
+    "cache_context",
+    "cache_summary",
+    "get_recipe",
+    "register_recipe",
+    "remove_cache",
+    "reset_cache",
+]
+
+__version__ = "0.1.0"

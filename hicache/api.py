@@ -1,0 +1,181 @@
+"""The public entry points: attach, describe and remove a cache on a model."""
+
+from __future__ import annotations
+
+import logging
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.hooks import HookRegistry
+from diffusers.hooks.hooks import CacheContext
+
+from .config import CacheConfig
+from .hooks import FORECAST_HOOK, HOOK_NAMES, SKIP_HOOK, STEP_HOOK, ForecastHook, SkipHook, StepHook, register
+from .recipes import Recipe, get_recipe
+
+logger = logging.getLogger(__name__)
+
+_HANDLE_ATTR = "_hicache_handle"
+
+
+@dataclass
+class CacheHandle:
+    """What `apply_cache` attached to a model, kept on the model for `remove_cache` and the summary."""
+
+    config: CacheConfig
+    recipe: Recipe
+    step_hook: StepHook | None = None
+    forecast_hooks: dict[str, ForecastHook] = field(default_factory=dict)
+    skip_hooks: dict[str, SkipHook] = field(default_factory=dict)
+
+    def state_managers(self):
+        if self.step_hook is not None:
+            yield self.step_hook.state_manager
+        for hook in (*self.forecast_hooks.values(), *self.skip_hooks.values()):
+            yield hook.state_manager
+
+
+@dataclass
+class CacheSummary:
+    method: str
+    recipe: str
+    num_steps: int | None
+    full_steps: list[int] | None
+    cached_steps: list[int] | None
+    ideal_speedup: float | None
+    forecast_modules: list[str]
+    skip_modules: list[str]
+    cache_bytes: int
+    full_forwards: int
+    cached_forwards: int
+
+    def __str__(self) -> str:
+        lines = [f"hicache: method={self.method} recipe={self.recipe}"]
+        if self.full_steps is not None:
+            lines.append(
+                f"  {len(self.full_steps)} full / {len(self.cached_steps)} cached of {self.num_steps} steps "
+                f"(ideal speedup {self.ideal_speedup:.2f}x); full at {self.full_steps}"
+            )
+        lines.append(f"  {len(self.forecast_modules)} forecast modules, {len(self.skip_modules)} skipped modules")
+        lines.append(f"  peak cache memory {self.cache_bytes / 2**20:.1f} MiB")
+        lines.append(f"  forwards so far: {self.full_forwards} full, {self.cached_forwards} cached")
+        return "\n".join(lines)
+
+
+def apply_cache(model: torch.nn.Module, config: CacheConfig, recipe: str | Recipe = "flux") -> CacheHandle:
+    """Attach the cache described by ``config`` to ``model`` (a diffusers transformer or any module).
+
+    ``recipe`` is a registered name ("flux", ...) or a `Recipe` of forecast/skip regexes. Calls of
+    ``model`` must run inside a cache context: diffusers pipelines open one (``cache_context("cond")``);
+    elsewhere use `hicache.cache_context(model, "cond")`.
+    """
+    if not isinstance(config, CacheConfig):
+        raise TypeError(f"config must be a hicache.CacheConfig, got {type(config).__name__}")
+    if hasattr(model, _HANDLE_ATTR):
+        raise ValueError("hicache is already applied to this model; call hicache.remove_cache(model) first")
+    if getattr(model, "is_cache_enabled", False):
+        raise ValueError("a diffusers cache is already enabled on this model; call model.disable_cache() first")
+    recipe = get_recipe(recipe)
+    handle = CacheHandle(config=config, recipe=recipe)
+
+    if config.method != "none":
+        roles = {name: recipe.role(name) for name, _ in model.named_modules() if name}
+        forecast = [n for n, r in roles.items() if r == "forecast"]
+        skip = [n for n, r in roles.items() if r == "skip"]
+        if not forecast:
+            raise ValueError(
+                f"recipe {recipe.name!r} matches no module of {type(model).__name__} "
+                f"(forecast patterns: {', '.join(recipe.forecast)})"
+            )
+        for pattern in recipe.forecast + recipe.skip:
+            if not any(re.fullmatch(pattern, n) for n in roles):
+                logger.warning("hicache: recipe %r pattern %r matches no module", recipe.name, pattern)
+        modules = dict(model.named_modules())
+        handle.step_hook = StepHook(config.schedule)
+        register(model, handle.step_hook, STEP_HOOK)
+        steps = handle.step_hook.state_manager
+        for name in forecast:
+            handle.forecast_hooks[name] = ForecastHook(name, steps, config)
+            register(modules[name], handle.forecast_hooks[name], FORECAST_HOOK)
+        for name in skip:
+            handle.skip_hooks[name] = SkipHook(name, steps)
+            register(modules[name], handle.skip_hooks[name], SKIP_HOOK)
+        # Hooks on children stale the registry's cached child list that `cache_context` walks.
+        HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+
+    setattr(model, _HANDLE_ATTR, handle)
+    return handle
+
+
+def remove_cache(model: torch.nn.Module) -> None:
+    """Detach everything `apply_cache` attached; the model computes exactly as before."""
+    handle = getattr(model, _HANDLE_ATTR, None)
+    if handle is None:
+        raise ValueError("hicache is not applied to this model")
+    if handle.step_hook is not None:
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        for name in HOOK_NAMES:
+            registry.remove_hook(name, recurse=True)
+        registry.invalidate_child_registries_cache()
+    delattr(model, _HANDLE_ATTR)
+
+
+def reset_cache(model: torch.nn.Module) -> None:
+    """Forget every context's history (pipelines do this themselves at the end of each call)."""
+    handle = _handle(model)
+    for manager in handle.state_managers():
+        manager.reset()
+    for hook in handle.forecast_hooks.values():
+        hook._bytes.clear()
+
+
+def cache_summary(model: torch.nn.Module, num_inference_steps: int | None = None) -> CacheSummary:
+    """Full and cached steps, hooked modules and peak cache memory of the cache on ``model``."""
+    handle = _handle(model)
+    cfg = handle.config
+    n = num_inference_steps or cfg.num_inference_steps
+    full = cached = speedup = None
+    if n is not None:
+        if cfg.method == "none":
+            full, cached = list(range(n)), []
+        else:
+            full = cfg.schedule.full_steps_for(n)
+            cached = [s for s in range(n) if s not in set(full)]
+        speedup = n / len(full)
+    return CacheSummary(
+        method=cfg.method,
+        recipe=handle.recipe.name,
+        num_steps=n,
+        full_steps=full,
+        cached_steps=cached,
+        ideal_speedup=speedup,
+        forecast_modules=list(handle.forecast_hooks),
+        skip_modules=list(handle.skip_hooks),
+        cache_bytes=sum(h.peak_bytes for h in handle.forecast_hooks.values()),
+        full_forwards=handle.step_hook.full_forwards if handle.step_hook else 0,
+        cached_forwards=handle.step_hook.cached_forwards if handle.step_hook else 0,
+    )
+
+
+@contextmanager
+def cache_context(model: torch.nn.Module, name: str, **kwargs):
+    """The cache context for models that are not diffusers `CacheMixin`s (toy modules, custom loops)."""
+    handle = _handle(model)
+    context = CacheContext(name, **kwargs)
+    managers = list(handle.state_managers())
+    for manager in managers:
+        manager.set_context(context)
+    try:
+        yield
+    finally:
+        for manager in managers:
+            manager.set_context(None)
+
+
+def _handle(model: torch.nn.Module) -> CacheHandle:
+    handle = getattr(model, _HANDLE_ATTR, None)
+    if handle is None:
+        raise ValueError("hicache is not applied to this model; call hicache.apply_cache first")
+    return handle

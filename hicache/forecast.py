@@ -1,0 +1,172 @@
+"""Forecasting one module output at cached steps from its divided-difference history.
+
+Every method in the project shares one history and differs only in the basis that turns the
+history into a forecast, so a new basis is one entry in `_COEFFICIENTS`.
+
+The history follows the official HiCache/TaylorSeer code (``derivative_approximation``): at each
+full step ``s_j`` it keeps ``D0 = F(s_j)`` and the divided differences
+``D_{i+1} = (D_i - D_i_prev) / (s_j - s_{j-1})`` for ``i < order`` while the previous order-``i``
+term exists. Differences are formed only at full steps ``s >= warmup - 1``; earlier warm-up steps
+keep ``D0`` alone, so the first difference is taken across the last warm-up step.
+
+At a cached step ``s`` with ``k = s - s_last`` and ``m = min(order, available)`` orders:
+
+- ``fora``:             D0
+- ``taylorseer``:       sum_i D_i k^i / i!
+- ``hicache``:          D0 + sum_{i>=1} D_i sigma^i H_i(sigma k) / i!   (physicists' Hermite)
+- ``hi_taylor``:        D0 + sum_{i>=1} D_i sigma^(2i) k^i / i!          (dual scaling, monomials)
+- ``hicache_analytic``: ``hicache`` with a per-output sigma from the running size of D1.
+
+This module holds tensors but knows nothing of models, hooks or diffusers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("fora", "taylorseer", "hicache", "hi_taylor", "hicache_analytic")
+
+
+def hermite(n: int, x: float) -> float:
+    """Physicists' Hermite polynomial H_n(x): H0 = 1, H1 = 2x, H_{n+1} = 2x H_n - 2n H_{n-1}."""
+    if n < 0:
+        raise ValueError(f"Hermite order must be >= 0, got {n}")
+    prev, cur = 1.0, 2.0 * x
+    if n == 0:
+        return prev
+    for i in range(1, n):
+        prev, cur = cur, 2.0 * x * cur - 2.0 * i * prev
+    return cur
+
+
+def _fora(k: float, num_orders: int, sigma: float) -> list[float]:
+    return [1.0] + [0.0] * (num_orders - 1)
+
+
+def _taylorseer(k: float, num_orders: int, sigma: float) -> list[float]:
+    return [k**i / math.factorial(i) for i in range(num_orders)]
+
+
+def _hicache(k: float, num_orders: int, sigma: float) -> list[float]:
+    return [1.0] + [sigma**i * hermite(i, sigma * k) / math.factorial(i) for i in range(1, num_orders)]
+
+
+def _hi_taylor(k: float, num_orders: int, sigma: float) -> list[float]:
+    return [1.0] + [sigma ** (2 * i) * k**i / math.factorial(i) for i in range(1, num_orders)]
+
+
+_COEFFICIENTS = {
+    "fora": _fora,
+    "taylorseer": _taylorseer,
+    "hicache": _hicache,
+    "hi_taylor": _hi_taylor,
+    "hicache_analytic": _hicache,
+}
+
+
+def coefficients(method: str, k: float, num_orders: int, sigma: float = 0.5) -> list[float]:
+    """Weights of D_0 .. D_{num_orders-1} in the forecast ``k`` steps after the last full step."""
+    if method not in _COEFFICIENTS:
+        raise ValueError(f"unknown forecasting method {method!r}; expected one of {', '.join(METHODS)}")
+    if num_orders < 1:
+        raise ValueError(f"a forecast needs at least D0, got num_orders={num_orders}")
+    return _COEFFICIENTS[method](float(k), num_orders, float(sigma))
+
+
+@dataclass(frozen=True)
+class AnalyticSigma:
+    """Per-output adaptive sigma of the official ``hicache_analytic`` mode.
+
+    sigma = min(sigma_max, alpha / (sqrt(2) q + eps)), where q is the square root of an EMA (weight
+    beta, started at the first observation) of the squared mean-over-tokens L2 norm of D1. Large,
+    fast-moving features get a small sigma, which damps the higher-order Hermite terms.
+    """
+
+    alpha: float = 1.28
+    sigma_max: float = 1.0
+    beta: float = 0.01
+    eps: float = 1e-6
+
+    def observe(self, ema: float | None, first_difference: torch.Tensor) -> float:
+        d1 = first_difference.float()
+        token_norms = d1.norm(dim=-1) if d1.dim() > 0 else d1.abs()
+        x = float(token_norms.mean()) ** 2
+        return x if ema is None else (1.0 - self.beta) * ema + self.beta * x
+
+    def sigma(self, ema: float) -> float:
+        return min(self.sigma_max, self.alpha / (math.sqrt(2.0) * math.sqrt(ema) + self.eps))
+
+
+class DifferenceHistory:
+    """Divided-difference history of one tensor-valued trajectory, and its forecasts."""
+
+    def __init__(
+        self,
+        method: str,
+        order: int,
+        sigma: float = 0.5,
+        warmup: int = 1,
+        factor_dtype: torch.dtype | None = torch.float32,
+        analytic: AnalyticSigma | None = None,
+    ):
+        if method not in _COEFFICIENTS:
+            raise ValueError(f"unknown forecasting method {method!r}; expected one of {', '.join(METHODS)}")
+        self.method = method
+        # FORA only ever needs D0: storing higher orders would cost memory for nothing.
+        self.order = 0 if method == "fora" else order
+        self.sigma = sigma
+        self.warmup = warmup
+        self.factor_dtype = factor_dtype
+        self.analytic = analytic or AnalyticSigma()
+        self.reset()
+
+    def reset(self) -> None:
+        self.factors: list[torch.Tensor] = []
+        self.last_step: int | None = None
+        self.output_dtype: torch.dtype | None = None
+        self._ema: float | None = None
+
+    @property
+    def current_sigma(self) -> float:
+        if self.method == "hicache_analytic" and self._ema is not None:
+            return self.analytic.sigma(self._ema)
+        return self.sigma
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f in self.factors)
+
+    def update(self, value: torch.Tensor, step: int) -> None:
+        """Record the exact output of a full step."""
+        value = value.detach()
+        self.output_dtype = value.dtype
+        dtype = self.factor_dtype or value.dtype
+        new = [value.to(dtype)]
+        if self.last_step is not None and step >= self.warmup - 1:
+            dt = step - self.last_step
+            if dt <= 0:
+                raise ValueError(f"full steps must increase: got step {step} after {self.last_step}")
+            for i in range(min(self.order, len(self.factors))):
+                prev = self.factors[i]
+                if prev.shape != new[i].shape:
+                    break  # the token count changed: start the expansion again from D0
+                new.append((new[i] - prev) / dt)
+        if self.method == "hicache_analytic" and len(new) > 1:
+            self._ema = self.analytic.observe(self._ema, new[1])
+        self.factors = new
+        self.last_step = step
+
+    def forecast(self, step: int) -> torch.Tensor:
+        """The forecast at a cached step, in the dtype of the recorded output."""
+        if self.last_step is None:
+            raise RuntimeError("cannot forecast before any full step was recorded")
+        k = step - self.last_step
+        weights = coefficients(self.method, k, len(self.factors), self.current_sigma)
+        out = self.factors[0].clone()
+        for w, factor in zip(weights[1:], self.factors[1:]):
+            if w != 0.0:
+                out.add_(factor, alpha=w)
+        return out.to(self.output_dtype)

@@ -1,0 +1,194 @@
+"""diffusers hooks that carry the caching core into an unmodified model.
+
+Three hooks, one concern each, all on diffusers' own `HookRegistry`:
+
+- `StepHook` on the root module counts steps (one root forward = one step) and asks the schedule
+  whether the step is full. Its `StateManager` is shared with every other hook, so they all see
+  the same step in the same cache context.
+- `ForecastHook` on a forecast module records its output at full steps and returns the forecast
+  at cached steps without calling the module.
+- `SkipHook` on a skipped module runs it at full steps and returns zeros of the recorded shape at
+  cached steps.
+
+State is per cache context ("cond", "uncond", ...) through `StateManager`, so classifier-free
+guidance branches never mix, and pipelines reset it at the end of every call
+(`maybe_free_model_hooks`), so two calls in a row give the same output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+
+from .config import CacheConfig
+from .forecast import DifferenceHistory
+from .schedule import Schedule
+
+STEP_HOOK = "hicache_step"
+FORECAST_HOOK = "hicache_forecast"
+SKIP_HOOK = "hicache_skip"
+HOOK_NAMES = (STEP_HOOK, FORECAST_HOOK, SKIP_HOOK)
+
+
+class StepState(BaseState):
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.step = -1
+        self.is_full = True
+
+
+class StepHook(ModelHook):
+    _is_stateful = True
+
+    def __init__(self, schedule: Schedule):
+        super().__init__()
+        self.schedule = schedule
+        self.state_manager = StateManager(StepState)
+        self.full_forwards = 0
+        self.cached_forwards = 0
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        state: StepState = self.state_manager.get_state()
+        state.step += 1
+        state.is_full = self.schedule.is_full(state.step, self.state_manager.context.num_inference_steps)
+        if state.is_full:
+            self.full_forwards += 1
+        else:
+            self.cached_forwards += 1
+        return args, kwargs
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state_manager.reset()
+        return module
+
+
+def _as_tuple(output: Any, module_name: str) -> tuple[torch.Tensor | None, ...]:
+    if isinstance(output, torch.Tensor):
+        return (output,)
+    if isinstance(output, tuple) and all(o is None or isinstance(o, torch.Tensor) for o in output):
+        return output
+    raise TypeError(
+        f"hicache can only cache modules returning a tensor or a tuple of tensors; "
+        f"{module_name!r} returned {type(output).__name__}"
+    )
+
+
+class ForecastState(BaseState):
+    def __init__(self, config: CacheConfig):
+        self.config = config
+        self.reset()
+
+    def reset(self) -> None:
+        self.histories: list[DifferenceHistory | None] | None = None
+        self.is_tensor = True
+
+    def update(self, output: Any, step: int, module_name: str) -> None:
+        outputs = _as_tuple(output, module_name)
+        if self.histories is None or len(self.histories) != len(outputs):
+            cfg = self.config
+            self.histories = [
+                None
+                if o is None
+                else DifferenceHistory(cfg.method, cfg.order, cfg.sigma, cfg.warmup, cfg.factor_dtype, cfg.analytic)
+                for o in outputs
+            ]
+        self.is_tensor = isinstance(output, torch.Tensor)
+        for history, o in zip(self.histories, outputs):
+            if history is not None:
+                history.update(o, step)
+
+    def forecast(self, step: int, module_name: str) -> Any:
+        if self.histories is None:
+            raise RuntimeError(f"hicache: {module_name!r} has no recorded full step to forecast from")
+        outputs = tuple(None if h is None else h.forecast(step) for h in self.histories)
+        return outputs[0] if self.is_tensor else outputs
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h.nbytes for h in self.histories or () if h is not None)
+
+
+class SkipState(BaseState):
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.specs: list[tuple[torch.Size, torch.dtype, torch.device] | None] | None = None
+        self.is_tensor = True
+
+    def update(self, output: Any, module_name: str) -> None:
+        outputs = _as_tuple(output, module_name)
+        self.specs = [None if o is None else (o.shape, o.dtype, o.device) for o in outputs]
+        self.is_tensor = isinstance(output, torch.Tensor)
+
+    def zeros(self, module_name: str) -> Any:
+        if self.specs is None:
+            raise RuntimeError(f"hicache: skipped module {module_name!r} never ran at a full step")
+        outputs = tuple(None if s is None else torch.zeros(s[0], dtype=s[1], device=s[2]) for s in self.specs)
+        return outputs[0] if self.is_tensor else outputs
+
+
+class _CachedModuleHook(ModelHook):
+    """Shared plumbing: find the current step, run the module at full steps, stand in otherwise."""
+
+    _is_stateful = True
+
+    def __init__(self, module_name: str, steps: StateManager, state_manager: StateManager):
+        super().__init__()
+        self.module_name = module_name
+        self.steps = steps
+        self.state_manager = state_manager
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        step: StepState = self.steps.get_state()
+        state = self.state_manager.get_state()
+        if step.step < 0:
+            raise RuntimeError(f"hicache: {self.module_name!r} ran before its root module's step hook")
+        if step.is_full:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            self.record(state, output, step.step)
+            return output
+        return self.stand_in(state, step.step)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state_manager.reset()
+        return module
+
+
+class ForecastHook(_CachedModuleHook):
+    def __init__(self, module_name: str, steps: StateManager, config: CacheConfig):
+        super().__init__(module_name, steps, StateManager(ForecastState, init_args=(config,)))
+        self.peak_bytes = 0
+        self._bytes: dict[str, int] = {}
+
+    def record(self, state: ForecastState, output: Any, step: int) -> None:
+        state.update(output, step, self.module_name)
+        self._bytes[self.state_manager.context.name] = state.nbytes
+        self.peak_bytes = max(self.peak_bytes, sum(self._bytes.values()))
+
+    def stand_in(self, state: ForecastState, step: int) -> Any:
+        return state.forecast(step, self.module_name)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._bytes.clear()
+        return super().reset_state(module)
+
+
+class SkipHook(_CachedModuleHook):
+    def __init__(self, module_name: str, steps: StateManager):
+        super().__init__(module_name, steps, StateManager(SkipState))
+
+    def record(self, state: SkipState, output: Any, step: int) -> None:
+        state.update(output, self.module_name)
+
+    def stand_in(self, state: SkipState, step: int) -> Any:
+        return state.zeros(self.module_name)
+
+
+def register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)

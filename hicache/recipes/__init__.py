@@ -1,0 +1,66 @@
+"""Recipes: which submodules of a model are forecast and which are skipped at cached steps.
+
+All model knowledge of the caching core lives here, one module per model family. A recipe is two
+lists of regular expressions matched in full against `named_modules()` names:
+
+- ``forecast``: the module's output is recorded at full steps and forecast at cached steps
+  (tensor or tuple-of-tensor outputs);
+- ``skip``: the module runs at full steps and returns zeros of the recorded shape at cached steps,
+  for modules whose result only feeds a forecast module (so their compute is simply avoided).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+__all__ = ["Recipe", "register_recipe", "get_recipe", "available_recipes"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    forecast: tuple[str, ...]
+    skip: tuple[str, ...] = ()
+    name: str = "custom"
+
+    def __init__(self, forecast: Iterable[str], skip: Iterable[str] = (), name: str = "custom"):
+        object.__setattr__(self, "forecast", tuple(forecast))
+        object.__setattr__(self, "skip", tuple(skip))
+        object.__setattr__(self, "name", name)
+        for pattern in self.forecast + self.skip:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"recipe {name!r}: bad regex {pattern!r}: {err}") from None
+
+    def role(self, module_name: str) -> str | None:
+        """'forecast', 'skip' or None for a module name; a name matching both is an error."""
+        is_forecast = any(re.fullmatch(p, module_name) for p in self.forecast)
+        is_skip = any(re.fullmatch(p, module_name) for p in self.skip)
+        if is_forecast and is_skip:
+            raise ValueError(f"recipe {self.name!r}: module {module_name!r} matches both forecast and skip")
+        return "forecast" if is_forecast else "skip" if is_skip else None
+
+
+_REGISTRY: dict[str, Recipe] = {}
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    _REGISTRY[recipe.name] = recipe
+    return recipe
+
+
+def get_recipe(recipe: str | Recipe) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe not in _REGISTRY:
+        raise ValueError(f"unknown recipe {recipe!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[recipe]
+
+
+def available_recipes() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+from . import flux  # noqa: E402,F401  (registers the built-in recipes)

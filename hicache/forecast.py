@@ -17,6 +17,12 @@ At a cached step ``s`` with ``k = s - s_last`` and ``m = min(order, available)``
 - ``hi_taylor``:        D0 + sum_{i>=1} D_i sigma^(2i) k^i / i!          (dual scaling, monomials)
 - ``hicache_analytic``: ``hicache`` with a per-output sigma from the running size of D1.
 
+A property worth knowing: on full steps h apart the history holds the backward differences
+nabla^i F / h^i, which equal the derivatives F^(i) only to first order. So the Taylor forecast is
+exact on trajectories of degree <= 1 for any order; on a degree-O polynomial the top difference
+D_O = O! a_O is exact, but e.g. order 2 on F = a s^2 misses F(s + k) by a h k. That is the official
+algorithm, reproduced as is (tests/test_forecast.py pins both facts).
+
 This module holds tensors but knows nothing of models, hooks or diffusers.
 """
 

@@ -1,0 +1,34 @@
+"""HunyuanVideo (`HunyuanVideoTransformer3DModel`, text-to-video and its token-replace I2V variant).
+
+The block layout is FLUX's, in 3D: 20 double-stream blocks, then 40 single-stream blocks, each
+called positionally and returning ``(hidden_states, encoder_hidden_states)``.
+
+Double-stream blocks: ``attn`` returns the video and text attention outputs as a tuple, after
+``to_out``/``to_add_out`` but before the ``gate_msa``/``c_gate_msa`` gates and the residual add, so
+the tuple is forecast as is; ``ff`` and ``ff_context`` are forecast before ``gate_mlp``/``c_gate_mlp``
+and the residual. Single-stream blocks: ``proj_out`` is forecast (the block multiplies its output by
+the gate and adds the residual afterwards), and the attention and ``proj_mlp`` that only feed it are
+skipped. The token refiner (``context_embedder``), the embeddings, the AdaLN modulations, the gates,
+the residual adds and the output norm/projection run at every step.
+
+The patterns are anchored on the top-level block lists, so the refiner's own ``attn``/``ff``
+(``context_embedder.token_refiner.refiner_blocks.*``) never match.
+"""
+
+from . import Recipe, register_recipe
+
+HUNYUAN_VIDEO = register_recipe(
+    Recipe(
+        name="hunyuan_video",
+        forecast=(
+            r"transformer_blocks\.\d+\.attn",
+            r"transformer_blocks\.\d+\.ff",
+            r"transformer_blocks\.\d+\.ff_context",
+            r"single_transformer_blocks\.\d+\.proj_out",
+        ),
+        skip=(
+            r"single_transformer_blocks\.\d+\.attn",
+            r"single_transformer_blocks\.\d+\.proj_mlp",
+        ),
+    )
+)

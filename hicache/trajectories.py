@@ -323,10 +323,14 @@ def trajectory_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files: list[Path] = []
-    for p in map(Path, paths):
-        files.extend(sorted(p.glob("*.safetensors")) if p.is_dir() else [p])
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        files.extend(sorted(p.glob("*.safetensors")) if p.is_dir() else [p] if p.exists() else [])
     if not files:
-        raise FileNotFoundError(f"no trajectory files in {', '.join(map(str, paths))}")
+        raise FileNotFoundError(
+            f"no trajectory files in {', '.join(map(str, paths))}: collect them with "
+            f"`python run.py experiment=collect_features` (or hicache.trajectories.collect_pipeline_runs)"
+        )
     return files
 
 

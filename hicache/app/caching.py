@@ -1,0 +1,103 @@
+"""Attach the configured acceleration to a pipeline: a hicache method, a diffusers cache, or fewer steps.
+
+A cache config has a ``family``:
+
+- ``hicache``: `hicache.CacheConfig` fields (method none/fora/taylorseer/hicache/hi_taylor/
+  hicache_analytic, interval, warmup, order, sigma, ...) and the model's recipe;
+- ``diffusers``: one of diffusers' own caches, applied with ``transformer.enable_cache(<Config>)``
+  (``config`` holds the keyword arguments of the diffusers config class named by ``config_class``);
+- ``step_reduction``: no cache, but as many plain steps as the schedule (interval, warmup) runs
+  in full: the equal-cost baseline (`hicache.schedule.same_cost_steps`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+import hicache
+from hicache.schedule import Schedule, same_cost_steps
+
+from .errors import SetupError
+
+HICACHE_FIELDS = ("method", "interval", "warmup", "order", "sigma", "full_steps", "final_full_steps",
+                  "factor_dtype", "analytic_alpha", "analytic_sigma_max", "analytic_beta", "analytic_eps")
+
+
+@dataclass
+class AttachedCache:
+    """What was attached, how many steps to run with it, and how to take it off again."""
+
+    steps: int
+    detach: Callable[[], None]
+    describe: Callable[[], dict[str, Any]] = field(default=lambda: {})
+
+
+def attach(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCache:
+    family = cache.get("family", "hicache")
+    if family not in ATTACHERS:
+        raise SetupError(f"cache.family={family!r} is unknown; known: {', '.join(sorted(ATTACHERS))}")
+    return ATTACHERS[family](pipe, cache, model, steps)
+
+
+def _attach_hicache(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCache:
+    fields = {k: cache[k] for k in HICACHE_FIELDS if k in cache and cache[k] is not None}
+    if "full_steps" in fields:
+        fields["full_steps"] = list(fields["full_steps"])
+    config = hicache.CacheConfig(**fields, num_inference_steps=steps)
+    transformer = pipe.transformer
+    hicache.apply_cache(transformer, config, recipe=model.get("recipe", "flux"))
+
+    def describe() -> dict[str, Any]:
+        summary = hicache.cache_summary(transformer, steps)
+        return {"full_steps": summary.full_steps, "ideal_speedup": summary.ideal_speedup,
+                "cache_mib": summary.cache_bytes / 2**20}
+
+    return AttachedCache(steps, lambda: hicache.remove_cache(transformer), describe)
+
+
+def _attach_step_reduction(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCache:
+    schedule = Schedule(interval=int(cache.interval), warmup=int(cache.warmup))
+    fewer = same_cost_steps(steps, schedule)
+    return AttachedCache(fewer, lambda: None,
+                         lambda: {"full_steps": list(range(fewer)), "ideal_speedup": steps / fewer})
+
+
+def _diffusers_config(pipe, cache: DictConfig, steps: int):
+    import diffusers
+
+    cls = getattr(diffusers, cache.config_class, None)
+    if cls is None:
+        raise SetupError(f"diffusers {diffusers.__version__} has no {cache.config_class}; upgrade diffusers")
+    kwargs = OmegaConf.to_container(cache.get("config") or {}, resolve=True)
+    if cache.config_class == "MagCacheConfig":
+        if kwargs.get("mag_ratios") == "flux":
+            from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+            kwargs["mag_ratios"] = FLUX_MAG_RATIOS
+        kwargs["num_inference_steps"] = steps
+    if cache.config_class == "PyramidAttentionBroadcastConfig":
+        kwargs["current_timestep_callback"] = lambda: pipe.current_timestep
+        for key, value in list(kwargs.items()):
+            if key.endswith("timestep_skip_range") or key.endswith("identifiers"):
+                kwargs[key] = tuple(value)
+    if "taylor_factors_dtype" in kwargs:
+        import torch
+
+        kwargs["taylor_factors_dtype"] = getattr(torch, kwargs["taylor_factors_dtype"])
+    return cls(**kwargs)
+
+
+def _attach_diffusers(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCache:
+    transformer = pipe.transformer
+    transformer.enable_cache(_diffusers_config(pipe, cache, steps))
+    return AttachedCache(steps, transformer.disable_cache, lambda: {})
+
+
+ATTACHERS: dict[str, Callable[..., AttachedCache]] = {
+    "hicache": _attach_hicache,
+    "diffusers": _attach_diffusers,
+    "step_reduction": _attach_step_reduction,
+}

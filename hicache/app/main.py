@@ -1,0 +1,76 @@
+"""The Hydra entry point behind `run.py`: variants, the one-line setup errors, and the run itself.
+
+A *variant* is a named list of Hydra overrides kept in an experiment config (``variants``); the
+experiment sweeps ``variant`` with Hydra's basic sweeper, and each job composes the config again
+with its variant's overrides appended to the command line's. This is how one multirun holds rows
+that differ in more than one field (the baseline with fewer steps, FORA, TaylorSeer, HiCache at
+several intervals), which a Cartesian sweep cannot express.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import SetupError
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def register_resolvers() -> None:
+    """``${hicache_root:}``: the checkout's root, so shipped models resolve from any working directory."""
+    if not OmegaConf.has_resolver("hicache_root"):
+        OmegaConf.register_new_resolver("hicache_root", lambda: str(REPO_ROOT))
+
+
+def apply_variant(cfg: DictConfig) -> DictConfig:
+    variant = cfg.get("variant")
+    if not variant:
+        return cfg
+    variants = cfg.get("variants") or {}
+    if variant not in variants:
+        raise SetupError(f"variant={variant!r} is not in this experiment; known: {', '.join(variants)}")
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) + list(variants[variant])
+    return compose(config_name="run", overrides=overrides)
+
+
+def main(cfg: DictConfig) -> dict:
+    """Run one job; a `SetupError` prints one line and exits with status 2."""
+    try:
+        from .runner import run
+
+        return run(apply_variant(cfg))
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+LAUNCHER_PLUGINS = {"submitit": "hydra_plugins.hydra_submitit_launcher"}
+
+
+def check_launcher(argv: list[str]) -> None:
+    """Hydra launchers are plugins; name the missing package in one line instead of a composition error."""
+    for arg in argv:
+        if arg.startswith(("hydra/launcher=", "+hydra/launcher=")):
+            for key, module in LAUNCHER_PLUGINS.items():
+                if key in arg.split("=", 1)[1] and not _importable(module):
+                    print(f"error: {arg} needs the hydra-{key}-launcher package: pip install hydra-{key}-launcher",
+                          file=sys.stderr)
+                    sys.exit(2)

@@ -1,0 +1,79 @@
+"""Fidelity to the uncached output: PSNR and SSIM (scikit-image) and LPIPS (AlexNet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from ..errors import SetupError
+from . import Metric, register_metric
+
+
+def as_uint8(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def psnr(output, reference) -> float:
+    a, b = as_uint8(output), as_uint8(reference)
+    if np.array_equal(a, b):
+        return float("inf")
+    return float(peak_signal_noise_ratio(b, a, data_range=255))
+
+
+def ssim(output, reference) -> float:
+    a, b = as_uint8(output), as_uint8(reference)
+    win = min(7, *a.shape[:2])
+    win -= 1 - win % 2  # odd window, no larger than tiny test images
+    return float(structural_similarity(b, a, data_range=255, channel_axis=2, win_size=win))
+
+
+@register_metric("psnr")
+def _psnr(options: DictConfig, device: torch.device) -> Metric:
+    return Metric("psnr", "fidelity", psnr)
+
+
+@register_metric("ssim")
+def _ssim(options: DictConfig, device: torch.device) -> Metric:
+    return Metric("ssim", "fidelity", ssim)
+
+
+def alexnet_weights_file() -> Path:
+    """Where torchvision looks for the ImageNet AlexNet that LPIPS builds on."""
+    from torchvision.models import AlexNet_Weights
+
+    url = AlexNet_Weights.IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def to_lpips_tensor(image, device: torch.device) -> torch.Tensor:
+    array = torch.from_numpy(as_uint8(image)).permute(2, 0, 1).float()
+    return (array / 127.5 - 1.0).unsqueeze(0).to(device)
+
+
+@register_metric("lpips")
+def _lpips(options: DictConfig, device: torch.device) -> Metric:
+    net = options.get("net", "alex")
+    if net == "alex":
+        weights = alexnet_weights_file()
+        if not weights.is_file():
+            raise SetupError(
+                f"LPIPS needs torchvision's AlexNet weights: put {weights.name} (from torchvision's "
+                f"AlexNet_Weights.IMAGENET1K_V1) at {weights} (or set TORCH_HOME)"
+            )
+    import lpips
+
+    try:
+        model = lpips.LPIPS(net=net, verbose=False).to(device).eval()
+    except OSError as err:  # urllib's URLError is an OSError: the backbone download failed
+        raise SetupError(f"LPIPS ({net}) could not get its torchvision backbone weights ({err}); "
+                         f"put them in {Path(torch.hub.get_dir()) / 'checkpoints'}") from None
+
+    @torch.no_grad()
+    def score(output, reference) -> float:
+        return float(model(to_lpips_tensor(output, device), to_lpips_tensor(reference, device)).item())
+
+    return Metric("lpips", "fidelity", score)

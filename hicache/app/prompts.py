@@ -1,0 +1,95 @@
+"""Prompt sets: a hub dataset (DrawBench, PartiPrompts), any local file, an inline list, or the
+testbed's held-out captions. Each prompt carries its index and its seed (index + seed_offset), so a
+prompt renders the same image whichever shard or run it lands in.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from .errors import SetupError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int
+    text: str
+    seed: int
+
+
+def load_prompts(data: DictConfig, seed_offset: int = 0) -> list[Prompt]:
+    source = data.source
+    if source not in SOURCES:
+        raise SetupError(f"data.source={source!r} is unknown; known: {', '.join(sorted(SOURCES))}")
+    texts = [t.strip() for t in SOURCES[source](data) if t and t.strip()]
+    if data.get("limit") is not None:
+        texts = texts[: int(data.limit)]
+    if not texts:
+        raise SetupError(f"data {data.name}: no prompts")
+    return [Prompt(i, t, i + int(seed_offset)) for i, t in enumerate(texts)]
+
+
+def _from_list(data: DictConfig) -> list[str]:
+    return list(data.prompts)
+
+
+def read_prompt_file(path: str | Path, column: str | None = None) -> list[str]:
+    """One prompt per line for .txt; the ``column`` of a .csv/.tsv/.json/.jsonl/.parquet table."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SetupError(f"prompt file {path} does not exist")
+    if path.suffix in ("", ".txt"):
+        return path.read_text(encoding="utf-8").splitlines()
+    builders = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+    if path.suffix not in builders:
+        raise SetupError(f"prompt file {path}: unsupported type {path.suffix} (use .txt, .csv, .tsv, .json, .jsonl or .parquet)")
+    import datasets
+
+    kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+    table = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train", **kwargs)
+    if column not in table.column_names:
+        raise SetupError(f"prompt file {path} has no column {column!r} (columns: {', '.join(table.column_names)}); set data.column")
+    return list(table[column])
+
+
+def _from_file(data: DictConfig) -> list[str]:
+    if not data.get("file"):
+        raise SetupError("data=prompts_file needs data.file=<path to a text file, one prompt per line>")
+    return read_prompt_file(data.file, data.get("column"))
+
+
+def _from_hub(data: DictConfig) -> list[str]:
+    """The hub dataset ``data.hub_id``, or ``data.local_file`` (same column) when given."""
+    if data.get("local_file"):
+        return read_prompt_file(data.local_file, data.column)
+    try:
+        import datasets
+    except ImportError:
+        raise SetupError(f"data {data.name} needs the `datasets` package (pip install datasets), "
+                         f"or a local copy: data.local_file=<file>") from None
+    try:
+        table = datasets.load_dataset(data.hub_id, split=data.split)
+    except Exception as err:  # datasets raises many types offline; all mean "not reachable, not cached"
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise SetupError(
+            f"data {data.name}: cannot load {data.hub_id!r} from the hub ({reason}); save its "
+            f"{data.column!r} column to a .txt/.csv file and set data.local_file=<file>"
+        ) from None
+    return list(table[data.column])
+
+
+def _from_testbed(data: DictConfig) -> list[str]:
+    try:
+        from hicache.testbed import heldout_captions
+    except ImportError:
+        raise SetupError("data=testbed_heldout needs the testbed package hicache.testbed (issue 3) on this checkout") from None
+    return list(heldout_captions(int(data.n), int(data.seed)))
+
+
+SOURCES = {"list": _from_list, "file": _from_file, "hub": _from_hub, "testbed": _from_testbed}

@@ -1,0 +1,211 @@
+"""One run of the app: references, the cached outputs, their metrics and cost, the summary.
+
+Order of work: load the pipeline (so missing weights fail first, in one line), the prompts and the
+metrics; render the missing uncached references (cache off); attach the cache and render this
+process's shard of the prompts, measuring each output; then rank 0 merges all shards, writes
+``summary.json`` and logs the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from . import distributed
+from .caching import attach
+from .loggers import build_logger
+from .metrics import Metric, build_metrics
+from .outputs import OutputKind, output_kind
+from .pipelines import load_pipeline, resolve_device
+from .prompts import Prompt, load_prompts
+from .references import ReferenceStore, digest, read_json, write_json_atomic
+from .results import RunDir
+from .speed import count_transformer_flops, stopwatch
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINT_KEYS = ("model", "cache", "data", "sampling")
+
+
+def run_name(cfg: DictConfig) -> str:
+    return str(cfg.get("run_name") or cfg.get("variant") or cfg.cache.name)
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    return digest({k: OmegaConf.to_container(cfg[k], resolve=True) for k in FINGERPRINT_KEYS})
+
+
+def reference_key(cfg: DictConfig) -> dict[str, Any]:
+    """What makes two uncached outputs of the same prompt and seed equal."""
+    m, s = cfg.model, cfg.sampling
+    return {"model": m.name, "path": str(m.get("path")), "dtype": str(m.dtype), "seed_model": m.get("seed"),
+            "steps": int(s.steps), "height": int(s.height), "width": int(s.width),
+            "guidance_scale": float(s.guidance_scale),
+            "call_kwargs": OmegaConf.to_container(m.get("call_kwargs") or {}, resolve=True)}
+
+
+class Renderer:
+    """Calls the pipeline the same way for references and cached outputs; only the steps differ."""
+
+    def __init__(self, pipe, cfg: DictConfig, output: OutputKind, device: torch.device):
+        self.pipe, self.cfg, self.output, self.device = pipe, cfg, output, device
+
+    def __call__(self, prompt: Prompt, steps: int):
+        s = self.cfg.sampling
+        kwargs = OmegaConf.to_container(self.cfg.model.get("call_kwargs") or {}, resolve=True)
+        generator = torch.Generator("cpu").manual_seed(prompt.seed)
+        with torch.inference_mode():
+            result = self.pipe(prompt=prompt.text, num_inference_steps=steps, height=int(s.height), width=int(s.width),
+                               guidance_scale=float(s.guidance_scale), generator=generator, **kwargs)
+        return self.output.extract(result)
+
+    def timed(self, prompt: Prompt, steps: int):
+        with stopwatch(self.device) as clock:
+            out = self(prompt, steps)
+        return out, clock["seconds"]
+
+    def flops(self, prompt: Prompt, steps: int) -> int:
+        with count_transformer_flops(self.pipe.transformer) as count:
+            self(prompt, steps)
+        return count["flops"]
+
+
+def _quality(metrics: list[Metric], output, prompt: str) -> dict[str, float]:
+    return {m.name: m.fn(output, prompt) for m in metrics if m.kind == "quality"}
+
+
+def ensure_references(render: Renderer, store: ReferenceStore, prompts: list[Prompt], metrics: list[Metric],
+                      cfg: DictConfig, world: distributed.World) -> dict[int, tuple[Any, dict]]:
+    """Every prompt's uncached output and its meta (latency, quality metrics), rendering what is missing."""
+    steps = int(cfg.sampling.steps)
+    found = {p.index: store.get(p.text, p.seed) for p in prompts}
+    missing = [p for p in prompts if found[p.index] is None]
+    if missing and cfg.speed.warmup:
+        render(missing[0], steps)
+    for p in tqdm(missing, desc="references", disable=not missing, dynamic_ncols=True):
+        output, seconds = render.timed(p, steps)
+        store.put(p.text, p.seed, output, {"latency_s": seconds, "device": str(render.device), "metrics": {}})
+        found[p.index] = store.get(p.text, p.seed)
+    for p in prompts:  # quality metrics of the references, measured once and kept with them
+        output, meta = found[p.index]
+        todo = [m for m in metrics if m.kind == "quality" and m.name not in meta.get("metrics", {})]
+        if todo:
+            meta.setdefault("metrics", {}).update(_quality(todo, output, p.text))
+            store.update_meta(p.text, p.seed, meta)
+    return found
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(values)) if values else None
+
+
+def summarize(cfg: DictConfig, records: list[dict], metric_names: list[str], unavailable: list[str],
+              extra: dict[str, Any]) -> dict[str, Any]:
+    c = cfg.cache
+    summary: dict[str, Any] = {
+        "experiment": cfg.name, "run": run_name(cfg), "variant": cfg.get("variant"), "model": cfg.model.name,
+        "family": c.get("family", "hicache"), "method": c.method, "label": c.get("label") or c.method,
+        "interval": c.get("interval"), "order": c.get("order"), "sigma": c.get("sigma"), "warmup": c.get("warmup"),
+        "reference_steps": int(cfg.sampling.steps), "num_outputs": len(records),
+        "height": int(cfg.sampling.height), "width": int(cfg.sampling.width),
+        "latency_s": _mean([r["latency_s"] for r in records]),
+        "reference_latency_s": _mean([r["reference_latency_s"] for r in records]),
+        "torch": torch.__version__, "host": platform.node(),
+    }
+    summary.update(extra)
+    if summary["latency_s"] and summary["reference_latency_s"]:
+        summary["latency_speedup"] = summary["reference_latency_s"] / summary["latency_s"]
+    if summary.get("flops") and summary.get("reference_flops"):
+        summary["flops_speedup"] = summary["reference_flops"] / summary["flops"]
+    for name in metric_names:
+        summary[name] = _mean([r.get(name) for r in records])
+        if any(f"reference_{name}" in r for r in records):
+            summary[f"reference_{name}"] = _mean([r.get(f"reference_{name}") for r in records])
+    for name in unavailable:
+        summary[name] = "n/a"
+    summary["unavailable_metrics"] = list(unavailable)
+    return summary
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    device = resolve_device(cfg.model.get("device"))
+    world = distributed.join(device)
+    device = world.device(device)
+    run_dir = RunDir(Path(cfg.paths.outputs) / cfg.name / run_name(cfg), fingerprint(cfg))
+    if cfg.run.skip_finished and run_dir.finished():
+        logger.info("skipping %s: finished (summary.json present)", run_dir.path)
+        distributed.leave(world)
+        return run_dir.summary()
+
+    output = output_kind(cfg.model.get("output", "image"))
+    pipe = load_pipeline(cfg.model, device)
+    prompts = load_prompts(cfg.data, int(cfg.sampling.seed_offset))
+    metrics, unavailable = build_metrics(cfg.metrics, device)
+    if world.is_main:
+        run_dir.claim()
+    world.barrier()
+    done = run_dir.records()
+    shard = world.shard(prompts)
+    todo = [p for p in shard if p.index not in done or not run_dir.output_path(p.index, output.suffix).is_file()]
+    logger.info("%s: %d prompts, %d in this shard, %d to render", run_dir.path, len(prompts), len(shard), len(todo))
+
+    render = Renderer(pipe, cfg, output, device)
+    store = ReferenceStore(cfg.paths.references, output, reference_key(cfg))
+    references = ensure_references(render, store, todo, metrics, cfg, world) if todo else {}
+    if world.is_main and cfg.speed.flops and store.flops() is None:
+        store.put_flops(render.flops(prompts[0], int(cfg.sampling.steps)))
+
+    attached = attach(pipe, cfg.cache, cfg.model, int(cfg.sampling.steps))
+    flops_file = run_dir.path / "flops.json"
+    try:
+        if todo and cfg.speed.warmup:
+            render(todo[0], attached.steps)
+        if world.is_main and cfg.speed.flops and not flops_file.is_file():
+            write_json_atomic(flops_file, {"flops": render.flops(prompts[0], attached.steps)})
+        for p in tqdm(todo, desc=run_name(cfg), dynamic_ncols=True):
+            out, seconds = render.timed(p, attached.steps)
+            reference, meta = references[p.index]
+            record = {"index": p.index, "prompt": p.text, "seed": p.seed, "latency_s": seconds,
+                      "reference_latency_s": meta["latency_s"]}
+            for m in metrics:
+                record[m.name] = m.fn(out, reference) if m.kind == "fidelity" else m.fn(out, p.text)
+                if m.kind == "quality":
+                    record[f"reference_{m.name}"] = meta["metrics"][m.name]
+            output.save(out, run_dir.output_path(p.index, output.suffix))
+            run_dir.append(world.rank, record)
+        described = attached.describe()
+    finally:
+        attached.detach()
+
+    world.barrier()
+    summary = None
+    if world.is_main:
+        records = sorted(run_dir.records().values(), key=lambda r: r["index"])
+        missing = sorted({p.index for p in prompts} - {r["index"] for r in records})
+        if missing:
+            raise RuntimeError(f"{run_dir.path}: outputs {missing[:10]} missing after every shard finished")
+        extra = {"steps": attached.steps, "device": str(device), "world_size": world.size,
+                 "flops": read_json(flops_file)["flops"] if flops_file.is_file() else None,
+                 "reference_flops": store.flops(), **described}
+        summary = summarize(cfg, records, [m.name for m in metrics], unavailable, extra)
+        run_dir.write_final(records, summary)
+        OmegaConf.save(cfg, run_dir.path / "config.yaml", resolve=True)
+        pairs = []
+        for r in records[: int(cfg.logger.get("grid_size", 8))] if output.suffix == ".png" else []:
+            ref = store.get(r["prompt"], r["seed"])
+            pairs.append((output.load(run_dir.output_path(r["index"], output.suffix)), ref[0]))
+        build_logger(cfg.logger).log_run(config=cfg, run_dir=run_dir.path, name=f"{cfg.name}/{run_name(cfg)}",
+                                         group=cfg.name, records=records, summary=summary, pairs=pairs)
+        logger.info("%s: %s", run_dir.path, {k: summary.get(k) for k in ("latency_speedup", "flops_speedup", "psnr", "ssim")})
+    world.barrier()
+    distributed.leave(world)
+    return summary if summary is not None else {}

@@ -1,0 +1,63 @@
+"""Cost of a generation: wall-clock latency and FLOPs of the transformer calls.
+
+Latency is synchronised with the accelerator, so queued GPU kernels are counted. FLOPs are counted
+by `torch.utils.flop_counter.FlopCounterMode` around each transformer forward only (text encoders
+and VAE cost the same with and without a cache), in a separate pass, since the counting itself is
+slow.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@contextmanager
+def stopwatch(device: torch.device):
+    """Yields a dict whose ``seconds`` is set on exit."""
+    result = {}
+    synchronize(device)
+    start = time.perf_counter()
+    try:
+        yield result
+    finally:
+        synchronize(device)
+        result["seconds"] = time.perf_counter() - start
+
+
+@contextmanager
+def count_transformer_flops(transformer: torch.nn.Module):
+    """Yields a dict whose ``flops`` is the sum over every transformer forward inside the block."""
+    result = {"flops": 0, "calls": 0}
+    modes: list[FlopCounterMode] = []
+
+    def enter(module, args, kwargs):
+        mode = FlopCounterMode(display=False)
+        mode.__enter__()
+        modes.append(mode)
+
+    def leave(module, args, kwargs, output):
+        mode = modes.pop()
+        mode.__exit__(None, None, None)
+        result["flops"] += int(mode.get_total_flops())
+        result["calls"] += 1
+
+    pre = transformer.register_forward_pre_hook(enter, with_kwargs=True)
+    post = transformer.register_forward_hook(leave, with_kwargs=True)
+    try:
+        yield result
+    finally:
+        pre.remove()
+        post.remove()
+        while modes:
+            modes.pop().__exit__(None, None, None)

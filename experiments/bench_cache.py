@@ -1,0 +1,129 @@
+"""Wall-clock benchmark of the caching core on a ~20M-parameter FLUX transformer on the CPU.
+
+How close does each method get to its ideal speedup (steps / full steps)? The gap is the cost of
+what still runs at cached steps (embeddings, modulation, gates, residual adds, the forecast itself).
+Diffusers' own TaylorSeer hook (default and lite mode) runs on the same model for comparison.
+Prints a Markdown table; asserts nothing.
+
+    python experiments/bench_cache.py                 # 50 steps, 1024 image tokens
+    python experiments/bench_cache.py --steps 20 --tokens 256 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from diffusers import FluxTransformer2DModel, TaylorSeerCacheConfig
+from tqdm import tqdm
+
+import hicache
+
+
+def build_transformer(seed: int = 0) -> FluxTransformer2DModel:
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=4, num_single_layers=10, attention_head_dim=64,
+        num_attention_heads=4, joint_attention_dim=128, pooled_projection_dim=128, axes_dims_rope=(16, 24, 24),
+    ).eval()
+
+
+def make_inputs(tokens: int, text_tokens: int = 64, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    side = int(tokens**0.5)
+    img_ids = torch.zeros(side, side, 3)
+    img_ids[..., 1] = torch.arange(side)[:, None]
+    img_ids[..., 2] = torch.arange(side)[None, :]
+    return dict(
+        hidden_states=torch.randn(1, side * side, 64, generator=g),
+        encoder_hidden_states=torch.randn(1, text_tokens, 128, generator=g),
+        pooled_projections=torch.randn(1, 128, generator=g),
+        img_ids=img_ids.reshape(-1, 3),
+        txt_ids=torch.zeros(text_tokens, 3),
+    )
+
+
+@torch.inference_mode()
+def sample(model: FluxTransformer2DModel, inputs: dict, steps: int) -> tuple[float, float]:
+    """A flow-matching Euler loop, as FluxPipeline drives the transformer.
+
+    Returns (wall-clock seconds, process CPU seconds): on a shared machine the CPU time is the
+    steadier of the two, since other processes' load stretches wall-clock time unevenly."""
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    x = inputs["hidden_states"].clone()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for i in range(steps):
+        with model.cache_context("cond"):
+            v = model(**{**inputs, "hidden_states": x}, timestep=sigmas[i : i + 1]).sample
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    model._reset_stateful_cache()
+    return elapsed, cpu
+
+
+def diffusers_full_steps(cfg: TaylorSeerCacheConfig, steps: int) -> int:
+    return sum(
+        1 for s in range(steps)
+        if s < cfg.disable_cache_before_step or (s - cfg.disable_cache_before_step - 1) % cfg.cache_interval == 0
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--intervals", type=int, nargs="+", default=[5, 6, 7, 9])
+    parser.add_argument("--orders", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="hicache only, N=7, O=2")
+    args = parser.parse_args()
+
+    model = build_transformer()
+    inputs = make_inputs(args.tokens)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"FLUX transformer: {params / 1e6:.1f}M parameters, {args.tokens} image tokens, {args.steps} steps, "
+          f"{torch.get_num_threads()} threads")
+
+    runs: list[tuple[str, object]] = []
+    methods = ["hicache"] if args.quick else ["fora", "taylorseer", "hicache"]
+    for method in methods:
+        for n in ([7] if args.quick else args.intervals):
+            for order in ([0] if method == "fora" else [2] if args.quick else args.orders):
+                runs.append((method, hicache.CacheConfig(method, interval=n, warmup=args.warmup, order=order)))
+    if not args.quick:
+        runs.append(("diffusers taylorseer", TaylorSeerCacheConfig()))
+        runs.append(("diffusers taylorseer lite", TaylorSeerCacheConfig(use_lite_mode=True)))
+
+    sample(model, inputs, 2)  # warm-up: allocator, threads
+    base, base_cpu = sample(model, inputs, args.steps)
+    rows = []
+    for label, cfg in tqdm(runs, desc="configs"):
+        if isinstance(cfg, hicache.CacheConfig):
+            hicache.apply_cache(model, cfg, "flux")
+            seconds, cpu = sample(model, inputs, args.steps)
+            summary = hicache.cache_summary(model, args.steps)
+            hicache.remove_cache(model)
+            full, mem = len(summary.full_steps), summary.cache_bytes
+            n, order = cfg.interval, ("-" if cfg.method == "fora" else cfg.order)
+        else:
+            model.enable_cache(cfg)
+            seconds, cpu = sample(model, inputs, args.steps)
+            model.disable_cache()
+            full, mem = diffusers_full_steps(cfg, args.steps), float("nan")
+            n, order = cfg.cache_interval, cfg.max_order
+        speedup, ideal = base / seconds, args.steps / full
+        rows.append((label, n, order, full, seconds, speedup, ideal, speedup / ideal, base_cpu / cpu, mem))
+
+    print(f"\nuncached: {base:.2f} s wall, {base_cpu:.2f} s CPU\n")
+    print("| method | N | O | full steps | time (s) | speedup | ideal | speedup / ideal | CPU-time speedup / ideal "
+          "| cache memory (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, n, order, full, seconds, speedup, ideal, ratio, cpu_speedup, mem in rows:
+        mem_txt = "n/a" if mem != mem else f"{mem / 2**20:.1f}"
+        print(f"| {label} | {n} | {order} | {full} | {seconds:.2f} | {speedup:.2f}x | {ideal:.2f}x | {ratio:.2f} "
+              f"| {cpu_speedup / ideal:.2f} | {mem_txt} |")
+
+
+if __name__ == "__main__":
+    main()

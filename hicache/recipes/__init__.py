@@ -65,3 +65,4 @@ def available_recipes() -> list[str]:
 
 from . import flux  # noqa: E402,F401  (registers the built-in recipes)
 from . import hunyuan_video  # noqa: E402,F401
+from . import inf_dit  # noqa: E402,F401

@@ -18,7 +18,6 @@ the ``"hicache_trajectories"`` key of the safetensors header, mirrored in a ``.j
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -335,10 +334,9 @@ def trajectory_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
 
 
 # -- collecting through a pipeline ------------------------------------------------------------------
-def collect_pipeline_runs(
+def collect_runs(
     pipe,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
+    runs: Iterable[tuple[str, str, int]],
     out_dir: str | Path,
     recipe: str | Recipe = "flux",
     blocks: str | None = None,
@@ -347,9 +345,10 @@ def collect_pipeline_runs(
     dtype: torch.dtype = torch.float32,
     max_bytes: int = 8 * 2**30,
     progress: bool = True,
+    extra_metadata: dict | None = None,
     **call_kwargs: Any,
 ) -> list[Path]:
-    """Run ``pipe`` in full for every (prompt, seed) and save one trajectory file per run.
+    """Run ``pipe`` in full once per ``(name, prompt, seed)`` and save ``out_dir/{name}.safetensors``.
 
     ``call_kwargs`` go to the pipeline call (num_inference_steps, guidance_scale, height, width...).
     The latents are not decoded: only the denoiser's features matter here.
@@ -359,22 +358,29 @@ def collect_pipeline_runs(
         raise ValueError(f"{type(pipe).__name__} has no .transformer to record")
     recorder = TrajectoryRecorder(model, recipe, blocks, num_tokens, token_seed, dtype, max_bytes)
     out_dir = Path(out_dir)
+    runs = list(runs)
     paths = []
-    runs = list(itertools.product(enumerate(prompts), seeds))
-    device = getattr(pipe, "device", torch.device("cpu"))
     try:
-        for (p_index, prompt), seed in tqdm(runs, desc="collect trajectories", disable=not progress):
+        for name, prompt, seed in tqdm(runs, desc="collect trajectories", disable=not progress):
             recorder.clear()
-            generator = torch.Generator(device=device).manual_seed(int(seed))
-            pipe(prompt, generator=generator, output_type="latent", **call_kwargs)
+            # A CPU generator, like the experiment app's renders: the same noise on any device.
+            generator = torch.Generator("cpu").manual_seed(int(seed))
+            with torch.inference_mode():
+                pipe(prompt, generator=generator, output_type="latent", **call_kwargs)
             sigmas = getattr(getattr(pipe, "scheduler", None), "sigmas", None)
-            path = out_dir / f"p{p_index:03d}_s{int(seed)}.safetensors"
-            recorder.save(
-                path, prompt=prompt, seed=int(seed), pipeline_class=type(pipe).__name__,
+            paths.append(recorder.save(
+                out_dir / f"{name}.safetensors", prompt=prompt, seed=int(seed), pipeline_class=type(pipe).__name__,
                 call_kwargs={k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool, type(None)))},
                 sigmas=sigmas.tolist() if isinstance(sigmas, torch.Tensor) else None,
-            )
-            paths.append(path)
+                **(extra_metadata or {}),
+            ))
     finally:
         recorder.remove()
     return paths
+
+
+def collect_pipeline_runs(pipe, prompts: Sequence[str], seeds: Sequence[int], out_dir: str | Path,
+                          **kwargs: Any) -> list[Path]:
+    """`collect_runs` over every (prompt, seed) pair, saved as ``p{prompt index:03d}_s{seed}``."""
+    runs = [(f"p{i:03d}_s{int(seed)}", prompt, seed) for i, prompt in enumerate(prompts) for seed in seeds]
+    return collect_runs(pipe, runs, out_dir, **kwargs)

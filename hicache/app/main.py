@@ -45,6 +45,10 @@ def apply_variant(cfg: DictConfig) -> DictConfig:
 def main(cfg: DictConfig) -> dict:
     """Run one job; a `SetupError` prints one line and exits with status 2."""
     try:
+        if cfg.get("collect") is not None:  # experiment=collect_features: record trajectories, no caching
+            from .collect import run_collect
+
+            return run_collect(apply_variant(cfg))
         from .runner import run
 
         return run(apply_variant(cfg))

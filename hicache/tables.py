@@ -31,6 +31,8 @@ COLUMNS = (
     ("SSIM", "ssim", "{:.4f}"),
     ("LPIPS", "lpips", "{:.4f}"),
     ("Checker acc.", "checker", "{:.3f}"),
+    ("VBench dims", "vbench", "{:.2f}"),        # our per-video VBench dimensions, mean (hicache.app.video)
+    ("VBench total", "vbench_total", "{:.2f}"),  # VBench's suite-level total score (the paper's video table)
 )
 METHOD_ORDER = ("none", "step_reduction", "fora", "taylorseer", "hi_taylor", "hicache", "hicache_analytic")
 
@@ -83,7 +85,8 @@ def _sort_key(s: dict):
 
 def render_experiment(summaries: list[dict], paper: list[dict]) -> str:
     summaries = sorted(summaries, key=_sort_key)
-    used = [c for c in COLUMNS if any(isinstance(s.get(c[1]), (int, float, str)) for s in summaries)]
+    used = [c for c in COLUMNS if any(isinstance(s.get(c[1]), (int, float, str))
+                                      or (paper_row(s, paper) or {}).get(c[1]) is not None for s in summaries)]
     header = ["Method", "Steps", "N", "O", "σ", "Images", *[c[0] for c in used]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     sources = set()

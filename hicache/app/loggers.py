@@ -35,8 +35,11 @@ class WandbLogger:
 
     def log_run(self, *, config: DictConfig, run_dir: Path, name: str, group: str, records: list[dict],
                 summary: dict[str, Any], pairs: list[tuple[Image.Image, Image.Image]]) -> None:
+        import os
+
         import wandb
 
+        os.environ.setdefault("WANDB_SILENT", "true")
         o = self.options
         run = wandb.init(
             project=o.project, entity=o.get("entity"), mode=o.mode, dir=str(run_dir), name=name, group=group,
@@ -49,7 +52,11 @@ class WandbLogger:
             for record in records:
                 run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=int(record["index"]))
             run.log({"per_output": table})
-            if pairs:
+            if pairs and not isinstance(pairs[0][0], Image.Image):  # videos: cached | reference, side by side
+                from .video import wandb_videos
+
+                run.log({"videos": wandb_videos(pairs[: int(o.get("grid_size", 8))], run_dir)})
+            elif pairs:
                 shown = pairs[: int(o.get("grid_size", 8))]
                 grid = image_grid([im for pair in shown for im in pair], columns=2)
                 run.log({"grid": wandb.Image(grid, caption="left: cached, right: uncached reference")})

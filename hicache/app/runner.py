@@ -29,6 +29,7 @@ from .prompts import Prompt, load_prompts
 from .references import ReferenceStore, digest, read_json, write_json_atomic
 from .results import RunDir
 from .speed import count_transformer_flops, stopwatch
+from . import video  # noqa: E402,F401  (registers the video loaders, output kind, metrics and prompt source)
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for p in tqdm(todo, desc=run_name(cfg), dynamic_ncols=True):
             out, seconds = render.timed(p, attached.steps)
             reference, meta = references[p.index]
-            record = {"index": p.index, "prompt": p.text, "seed": p.seed, "latency_s": seconds,
+            record = {"index": p.index, "prompt": p.text, "seed": p.seed, "rank": world.rank, "latency_s": seconds,
                       "reference_latency_s": meta["latency_s"]}
             for m in metrics:
                 record[m.name] = m.fn(out, reference) if m.kind == "fidelity" else m.fn(out, p.text)
@@ -200,7 +201,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run_dir.write_final(records, summary)
         OmegaConf.save(cfg, run_dir.path / "config.yaml", resolve=True)
         pairs = []
-        for r in records[: int(cfg.logger.get("grid_size", 8))] if output.suffix == ".png" else []:
+        for r in records[: int(cfg.logger.get("grid_size", 8))] if cfg.logger.get("kind", "none") != "none" else []:
             ref = store.get(r["prompt"], r["seed"])
             pairs.append((output.load(run_dir.output_path(r["index"], output.suffix)), ref[0]))
         build_logger(cfg.logger).log_run(config=cfg, run_dir=run_dir.path, name=f"{cfg.name}/{run_name(cfg)}",

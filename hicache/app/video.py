@@ -11,11 +11,14 @@ Registered through the app's extension points, so the runner is the same for ima
   browsers and W&B play;
 - metrics ``video_psnr``, ``video_ssim``, ``video_lpips`` (reported as ``psnr``, ``ssim``,
   ``lpips``: the image metrics per frame, mean over frames) and ``vbench`` (VBench's per-video
-  custom-input dimensions, mean over the configured dimensions).
+  custom-input dimensions, mean over the configured dimensions, in %);
+- prompt source ``vbench``: VBench's standard prompt suite (``data=vbench``);
+- `wandb_videos`: cached and reference videos side by side, as playable mp4s for the W&B logger.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -194,7 +197,7 @@ def vbench_cache_dir() -> Path:
 
 @register_metric("vbench")
 def _vbench(options: DictConfig, device: torch.device) -> Metric:
-    """VBench per video, in its custom-input mode (any prompt), mean over ``options.dimensions``.
+    """VBench per video, in its custom-input mode (any prompt), mean over ``options.dimensions``, in %.
 
     This is not VBench's weighted total score, which needs the whole standard prompt suite with five
     videos per prompt; it scores each generated video on the dimensions that need no suite metadata.
@@ -226,11 +229,9 @@ def _vbench(options: DictConfig, device: torch.device) -> Metric:
         except (OSError, AssertionError, RuntimeError) as err:
             reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
             raise SetupError(f"VBench could not score a video ({reason}); check its models in {cache}") from None
-        import json
-
         results = json.loads((workdir / "results" / f"{name}_eval_results.json").read_text())
         per_dimension = [float(results[d][1][0]["video_results"]) for d in dimensions]
-        return float(np.mean(per_dimension))
+        return 100.0 * float(np.mean(per_dimension))  # in %, as VBench reports
 
     return Metric("vbench", "quality", score)
 
@@ -239,8 +240,6 @@ def _vbench(options: DictConfig, device: torch.device) -> Metric:
 
 def _vbench_prompts(data: DictConfig) -> list[str]:
     """VBench's standard suite: ``data.file`` if set, else the full-info JSON of the installed package."""
-    import json
-
     from .prompts import read_prompt_file
 
     if data.get("file"):
@@ -260,3 +259,26 @@ def _vbench_prompts(data: DictConfig) -> list[str]:
 
 
 SOURCES["vbench"] = _vbench_prompts
+
+
+# ----------------------------------------------------------------------------- W&B
+
+def side_by_side(left, right) -> np.ndarray:
+    """Two videos of the same length side by side (left | right), frame by frame."""
+    a, b = as_frames(left), as_frames(right)
+    if len(a) != len(b):
+        raise ValueError(f"videos differ in length: {len(a)} vs {len(b)} frames")
+    return np.concatenate([a, b], axis=2)
+
+
+def wandb_videos(pairs: list[tuple[Any, Any]], run_dir: str | Path, fps: int = FPS) -> list:
+    """Each (cached, reference) pair as one playable mp4 (cached left, reference right) for ``wandb.log``."""
+    import wandb
+
+    folder = Path(run_dir) / "media"
+    media = []
+    for i, (cached, reference) in enumerate(pairs):
+        path = folder / f"{i:05d}_cached_vs_reference.mp4"
+        write_preview_mp4(side_by_side(cached, reference), path, fps=fps)
+        media.append(wandb.Video(str(path), format="mp4", caption="left: cached, right: uncached reference"))
+    return media

@@ -124,3 +124,40 @@ def test_forecast_error_cli_writes_report_and_figures(runs, tmp_path):
 def test_missing_runs_give_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match="no trajectory files"):
         gaussianity.main([str(tmp_path / "empty")])
+
+
+def test_replay_matches_the_live_cache_at_the_first_cached_step():
+    """Up to the first cached step the cached and uncached runs see the same inputs, so the offline
+    replay's error there must equal the error of the forecast the live hooks return."""
+    import hicache
+    from hicache.trajectories import TrajectoryRecorder
+
+    pipe = tiny_flux_pipeline()
+    call = dict(prompt="a red circle", num_inference_steps=6, height=32, width=32, guidance_scale=3.5,
+                max_sequence_length=16, output_type="latent")
+    name = "single_transformer_blocks.0.proj_out"
+    recorder = TrajectoryRecorder(pipe.transformer, "flux", blocks=r"single_transformer_blocks\.0", num_tokens=None)
+    try:
+        pipe(generator=torch.Generator().manual_seed(0), **call)
+    finally:
+        recorder.remove()
+    values = torch.stack([v for _, v in recorder._features[("cond", name, 0)]])
+    series = make_series(values)
+
+    config = forecast_error.ReplayConfig("hicache", interval=3, order=2, sigma=0.7, warmup=2)
+    first_cached = next(s for s in range(6) if not Schedule(3, 2).is_full(s, 6))
+    replayed = {r["step"]: r["rel_l2"] for r in forecast_error.replay(series, config)}
+
+    outputs = []
+    module = dict(pipe.transformer.named_modules())[name]
+    handle = module.register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone()))
+    hicache.apply_cache(pipe.transformer, hicache.CacheConfig("hicache", interval=3, warmup=2, order=2, sigma=0.7), "flux")
+    try:
+        pipe(generator=torch.Generator().manual_seed(0), **call)
+    finally:
+        hicache.remove_cache(pipe.transformer)
+        handle.remove()
+    live = outputs[first_cached]
+    live_error = float((live - values[first_cached]).norm() / values[first_cached].norm())
+    assert live_error > 1e-4  # a real forecast, not a copy of the reference
+    assert live_error == pytest.approx(replayed[first_cached], rel=1e-4)

@@ -299,9 +299,11 @@ class Trajectories:
         return len(self.series)
 
 
-def load_trajectories(path: str | Path) -> Trajectories:
-    """Read a file written by `TrajectoryRecorder.save`."""
+def load_trajectories(path: str | Path, keys: Iterable[str] | None = None) -> Trajectories:
+    """Read a file written by `TrajectoryRecorder.save`; only the series named in ``keys``, if given
+    (tensors are read lazily, so one series of many large runs fits in memory)."""
     path = Path(path)
+    wanted = None if keys is None else set(keys)
     if not path.is_file():
         raise FileNotFoundError(f"no trajectory file at {path}: collect one with `python run.py experiment=collect_features`")
     with safe_open(str(path), framework="pt") as f:
@@ -313,6 +315,7 @@ def load_trajectories(path: str | Path) -> Trajectories:
             Series(key=key, branch=info["branch"], name=info["name"], block=info["block"], module=info["module"],
                    output=info["output"], steps=info["steps"], values=f.get_tensor(key))
             for key, info in meta["series"].items()
+            if wanted is None or key in wanted
         ]
     return Trajectories(path, meta, series)
 

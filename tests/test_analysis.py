@@ -94,7 +94,7 @@ def test_config_grid_varies_only_what_each_method_uses():
 def runs(tmp_path_factory):
     pipe = tiny_flux_pipeline()
     out = tmp_path_factory.mktemp("traj")
-    collect_pipeline_runs(pipe, ["a red circle"], [0], out, blocks=r"single_transformer_blocks\.0", num_tokens=16,
+    collect_pipeline_runs(pipe, ["a red circle"], [0, 1], out, blocks=r"single_transformer_blocks\.0", num_tokens=16,
                           progress=False, num_inference_steps=10, height=32, width=32, guidance_scale=3.5)
     return out
 
@@ -106,6 +106,10 @@ def test_gaussianity_cli_writes_report_and_figures(runs, tmp_path):
     assert rows[["excess_kurtosis", "shapiro_p", "hz_p", "best_fit"]].notna().all().all()
     summary = pd.read_csv(tmp_path / "gaussianity_summary.csv")
     assert len(summary) == 3 and summary["hz_pass"].between(0, 1).all()
+    # the pooled test sees the token vectors of both runs
+    pooled = pd.read_csv(tmp_path / "gaussianity_pooled_hz.csv")
+    assert (pooled["runs"] == 2).all() and (pooled["hz_pooled_n"] == 2 * rows["hz_n"].max()).all()
+    assert summary["hz_pooled_pass"].between(0, 1).all()
     assert "| block" in (tmp_path / "gaussianity.md").read_text()
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {"hist_p000_s0.png", "qq_p000_s0.png", "kurtosis_heatmap.png"}
 
@@ -115,7 +119,7 @@ def test_forecast_error_cli_writes_report_and_figures(runs, tmp_path):
                          "--sigmas", "0.2", "0.8", "--reference-interval", "3"])
     summary = pd.read_csv(tmp_path / "forecast_error_summary.csv")
     assert set(summary["method"]) == set(forecast_error.METHODS)
-    assert (summary["count"] == len([s for s in range(10) if not Schedule(3, 3).is_full(s, 10)])).all()
+    assert (summary["count"] == 2 * len([s for s in range(10) if not Schedule(3, 3).is_full(s, 10)])).all()
     assert (summary["mean"] > 0).all()
     assert "Best sigma" in (tmp_path / "forecast_error.md").read_text()
     assert len(list((tmp_path / "figures").glob("*.png"))) == 3

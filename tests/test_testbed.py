@@ -1,0 +1,85 @@
+"""The testbed's procedural dataset and its attribute checker."""
+
+import numpy as np
+import pytest
+
+from hicache.testbed import ShapesDataset, accuracy, check, heldout_captions, heldout_scenes, parse_caption, render
+from hicache.testbed.dataset import COLOURS, SHAPES, is_heldout, training_scene
+
+
+def test_dataset_is_deterministic_by_seed_and_index():
+    a, b, c = ShapesDataset(seed=3), ShapesDataset(seed=3), ShapesDataset(seed=4)
+    im_a, cap_a = a[17]
+    im_b, cap_b = b[17]
+    assert cap_a == cap_b and np.array_equal(np.asarray(im_a), np.asarray(im_b))
+    assert [c.scene(i).caption for i in range(20)] != [a.scene(i).caption for i in range(20)]
+    assert im_a.size == (64, 64) and im_a.mode == "RGB"
+
+
+def test_heldout_split_is_disjoint_and_deterministic():
+    train = {training_scene(0, i).caption for i in range(500)}
+    held = heldout_captions(64, seed=0)
+    assert len(set(held)) == 64 and held == heldout_captions(64, seed=0)
+    assert all(is_heldout(c) for c in held) and not train & set(held)
+    assert not any(is_heldout(c) for c in train)
+
+
+def test_captions_follow_the_grammar_and_parse_back():
+    scenes = [training_scene(1, i) for i in range(200)]
+    assert {len(s.shapes) for s in scenes} == {1, 2}
+    for s in scenes:
+        parsed = parse_caption(s.caption)
+        assert parsed.caption == s.caption
+    with pytest.raises(ValueError, match="grammar"):
+        parse_caption("a photo of an astronaut riding a horse")
+
+
+def test_checker_is_right_on_dataset_images():
+    scenes = [training_scene(5, i) for i in range(120)] + heldout_scenes(40, seed=5)
+    results = [check(render(s), s.caption) for s in scenes]
+    assert accuracy(results) >= 0.99
+    assert {"shape", "colour", "position", "size", "background_colour", "background_style"} <= set(results[0])
+
+
+def _swap(caption: str, old: str, new: str) -> str:
+    return caption.replace(f" {old} ", f" {new} ", 1)
+
+
+def test_checker_rejects_wrong_attributes():
+    """Each attribute the checker reports is falsifiable: change one caption word, that key fails."""
+    rng = np.random.default_rng(0)
+    wrong = {"shape": 0, "colour": 0, "position": 0, "size": 0, "background_style": 0}
+    trials = 0
+    for i in range(40):
+        scene = training_scene(7, i)
+        if len(scene.shapes) != 1:
+            continue
+        trials += 1
+        spec, image = scene.shapes[0], render(scene)
+        cap = scene.caption
+        other_shape = [s for s in SHAPES if s != spec.shape][rng.integers(3)]
+        free = [c for c in COLOURS if c not in (spec.colour, scene.background_colour)]
+        other_size = "large" if spec.size == "small" else "small"
+        checks = {
+            "shape": _swap(cap, spec.shape, other_shape),
+            "colour": cap.replace(f" {spec.colour} {spec.shape}", f" {free[rng.integers(len(free))]} {spec.shape}", 1),
+            "size": cap.replace(f"a {spec.size} ", f"a {other_size} ", 1),
+            "background_style": cap.replace(f" {scene.background_style} background",
+                                            " plain background" if scene.background_style != "plain" else " striped background"),
+        }
+        row, col = spec.cell
+        moved = "at the bottom right" if (row, col) != (2, 2) else "at the top left"
+        from hicache.testbed.dataset import POSITIONS
+
+        checks["position"] = cap.replace(POSITIONS[spec.cell], moved, 1)
+        for key, bad_caption in checks.items():
+            wrong[key] += not check(image, bad_caption)[key]
+    assert trials >= 20
+    for key, n in wrong.items():
+        assert n >= 0.95 * trials, (key, n, trials)
+
+
+def test_checker_finds_nothing_on_a_blank_image():
+    blank = np.full((64, 64, 3), 30, dtype=np.uint8)
+    result = check(blank, "a small red circle in the center on a blue plain background")
+    assert not any(result[k] for k in ("shape", "colour", "position", "size", "background_colour"))

@@ -63,8 +63,9 @@ class RunDir:
     def append(self, rank: int, record: dict[str, Any]) -> None:
         path = self._progress_path(rank)
         path.parent.mkdir(parents=True, exist_ok=True)
+        torn = path.is_file() and path.stat().st_size and path.read_bytes()[-1:] != b"\n"
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(("\n" if torn else "") + json.dumps(record, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -95,3 +96,5 @@ class RunDir:
         write_json_atomic(self.summary_path, {**summary, "fingerprint": self.fingerprint})
         for path in (self.path / "progress").glob("rank*.jsonl"):
             path.unlink()
+        if (self.path / "progress").is_dir():
+            (self.path / "progress").rmdir()

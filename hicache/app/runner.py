@@ -147,12 +147,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         distributed.leave(world)
         return run_dir.summary()
 
+    if world.is_main:
+        run_dir.claim()
     output = output_kind(cfg.model.get("output", "image"))
     pipe = load_pipeline(cfg.model, device)
     prompts = load_prompts(cfg.data, int(cfg.sampling.seed_offset))
     metrics, unavailable = build_metrics(cfg.metrics, device)
-    if world.is_main:
-        run_dir.claim()
     world.barrier()
     done = run_dir.records()
     shard = world.shard(prompts)
@@ -199,6 +199,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                  "reference_flops": store.flops(), **described}
         summary = summarize(cfg, records, [m.name for m in metrics], unavailable, extra)
         run_dir.write_final(records, summary)
+        summary = run_dir.summary()
         OmegaConf.save(cfg, run_dir.path / "config.yaml", resolve=True)
         pairs = []
         for r in records[: int(cfg.logger.get("grid_size", 8))] if cfg.logger.get("kind", "none") != "none" else []:

@@ -41,8 +41,7 @@ def run_overrides(overrides: list[str], all_variants: bool = False) -> list[dict
     from .main import main
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose_config(overrides)
-        variants = list(cfg.get("variants") or {}) if all_variants else [None]
+        variants = list(compose_config(overrides).get("variants") or {}) if all_variants else [None]
         summaries = []
         for variant in variants:
             job = list(overrides) + ([f"variant={variant}"] if variant else [])

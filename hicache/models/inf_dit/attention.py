@@ -44,16 +44,13 @@ def from_blocks(x: torch.Tensor, grid: tuple[int, int], block: int) -> torch.Ten
 def gather_neighbour_blocks(x: torch.Tensor) -> torch.Tensor:
     """(B, X, Y, L, ...) -> (B, X, Y, 4L, ...): each block followed by its top-left, left and top blocks.
 
-    A missing neighbour (first row or column) is replaced by clamping its index to the border, which is
-    what the official replicate-padding of the block grid amounts to.
+    A missing neighbour (first row or column) is the border block itself, which is what the official
+    replicate-padding of the block grid amounts to. (Shifts by slicing: cheap to differentiate.)
     """
-    rows, cols = x.shape[1], x.shape[2]
-    up = (torch.arange(rows, device=x.device) - 1).clamp(min=0)
-    left = (torch.arange(cols, device=x.device) - 1).clamp(min=0)
-    top_left_blocks = x[:, up][:, :, left]
-    left_blocks = x[:, :, left]
-    top_blocks = x[:, up]
-    return torch.cat([x, top_left_blocks, left_blocks, top_blocks], dim=3)
+    top = torch.cat([x[:, :1], x[:, :-1]], dim=1)
+    left = torch.cat([x[:, :, :1], x[:, :, :-1]], dim=2)
+    top_left = torch.cat([top[:, :, :1], top[:, :, :-1]], dim=2)
+    return torch.cat([x, top_left, left, top], dim=3)
 
 
 def rope_position_ids(grid: tuple[int, int], period: int, device=None) -> torch.Tensor:

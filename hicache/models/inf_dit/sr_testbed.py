@@ -1,0 +1,259 @@
+"""The Inf-DiT SR testbed: the same architecture at a CPU-sized config, trained on x4 pairs from the
+photos bundled with scikit-image (nothing is downloaded), so the SR experiments run end to end on CPU.
+
+Data: random 64 px crops (after a random downscale of the whole photo, random flips and 90 degree
+turns) of the training photos; the LR input is the crop downscaled x4 by antialiased bicubic.
+Two photos are held out entirely for evaluation. Training is EDM's (Karras et al. 2022) with the
+official Inf-DiT settings: log-normal sigma (P_mean -1.0, P_std 1.4), EDM loss weighting, sigma_data 0.5.
+The CLIP tower is replaced by a frozen, randomly initialised one-layer OpenCLIP ViT (pretrained
+CLIP weights cannot be fetched here); the pipeline path is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .image_encoder import encode_lr_image
+from .pipeline import InfDiTPipeline, edm_preconditioning
+from .transformer import InfDiTTransformer2DModel
+
+logger = logging.getLogger(__name__)
+
+TRAIN_PHOTOS = ("astronaut", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle",
+                "colorwheel", "logo")
+HELDOUT_PHOTOS = ("rocket", "chelsea")
+
+
+@dataclass
+class SRTestbedConfig:
+    num_layers: int = 4
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    patch_size: int = 4
+    image_block_size: int = 32
+    image_size: int = 64
+    vector_dim: int = 16
+    encoder_width: int = 32
+    hr_size: int = 64
+
+    def transformer_kwargs(self) -> dict:
+        return dict(num_layers=self.num_layers, hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
+                    patch_size=self.patch_size, image_block_size=self.image_block_size, image_size=self.image_size,
+                    vector_dim=self.vector_dim, sr_scale=4)
+
+
+def load_photo(name: str) -> torch.Tensor:
+    """(3, H, W) float in [0, 1] from skimage.data (RGB; RGBA composited on white; grey replicated)."""
+    import skimage.data
+
+    image = getattr(skimage.data, name)()
+    if isinstance(image, tuple):
+        image = image[0]
+    image = np.asarray(image, dtype=np.float32) / 255.0
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.shape[-1] == 4:
+        image = image[..., :3] * image[..., 3:] + (1 - image[..., 3:])
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous()
+
+
+def downscale(hr: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """The degradation: antialiased bicubic downscaling of (B, 3, H, W) in [0, 1], clamped to [0, 1]."""
+    h, w = hr.shape[-2:]
+    return F.interpolate(hr, size=(h // factor, w // factor), mode="bicubic", antialias=True,
+                         align_corners=False).clamp(0, 1)
+
+
+def random_crops(photos: list[torch.Tensor], n: int, size: int, generator: torch.Generator,
+                 min_scale: float = 0.25) -> torch.Tensor:
+    """n random size x size crops, each from a randomly downscaled, flipped and turned photo."""
+    crops = []
+    for _ in range(n):
+        photo = photos[int(torch.randint(len(photos), (1,), generator=generator))]
+        h, w = photo.shape[-2:]
+        low = max(min_scale, size / min(h, w))
+        scale = float(low + (1 - low) * torch.rand(1, generator=generator))
+        if scale < 1:
+            photo = F.interpolate(photo[None], size=(max(size, round(h * scale)), max(size, round(w * scale))),
+                                  mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
+        h, w = photo.shape[-2:]
+        top = int(torch.randint(h - size + 1, (1,), generator=generator))
+        left = int(torch.randint(w - size + 1, (1,), generator=generator))
+        crop = photo[:, top : top + size, left : left + size]
+        if torch.rand(1, generator=generator) < 0.5:
+            crop = crop.flip(-1)
+        crops.append(torch.rot90(crop, int(torch.randint(4, (1,), generator=generator)), dims=(-2, -1)))
+    return torch.stack(crops)
+
+
+def heldout_pairs(n: int = 16, size: int = 64, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed (HR, LR) evaluation pairs in [0, 1] from the held-out photos, cropped as the training pairs."""
+    generator = torch.Generator().manual_seed(seed)
+    hr = random_crops([load_photo(p) for p in HELDOUT_PHOTOS], n, size, generator)
+    return hr, downscale(hr)
+
+
+def build_testbed(cfg: SRTestbedConfig, seed: int = 0) -> InfDiTPipeline:
+    """A freshly initialised testbed pipeline (DiT-style init: zero adaLN and vector MLP output)."""
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    transformer = InfDiTTransformer2DModel(**cfg.transformer_kwargs())
+    with torch.no_grad():
+        for module in [*(b.adaln_modulation for b in transformer.transformer_blocks), transformer.adaln_out,
+                       transformer.vector_embedding.linear_2]:
+            module.weight.zero_()
+            module.bias.zero_()
+        cross = transformer.transformer_blocks[0].cross_attn
+        torch.nn.init.normal_(cross.query_pos, std=0.02)
+        torch.nn.init.normal_(cross.key_pos, std=0.02)
+    encoder = VisionTransformer(image_size=224, patch_size=32, width=cfg.encoder_width, layers=1, heads=2,
+                                mlp_ratio=2.0, output_dim=cfg.vector_dim).eval()
+    encoder.requires_grad_(False)
+    pipe = InfDiTPipeline(transformer=transformer, image_encoder=encoder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def edm_loss(transformer, hr: torch.Tensor, lr: torch.Tensor, embeds: torch.Tensor, generator: torch.Generator,
+             p_mean: float = -1.0, p_std: float = 1.4, sigma_data: float = 0.5) -> torch.Tensor:
+    """EDM's weighted denoising loss on [-1, 1] images, conditioned as the pipeline conditions."""
+    batch = hr.shape[0]
+    up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+    sigma = (torch.randn(batch, generator=generator) * p_std + p_mean).exp()
+    noisy = hr + torch.randn(hr.shape, generator=generator) * sigma[:, None, None, None]
+    c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, sigma_data)
+    b = lambda t: t[:, None, None, None]  # noqa: E731
+    out = transformer(torch.cat([noisy, up], dim=1) * b(c_in), c_noise, lr, embeds).sample
+    denoised = b(c_skip) * noisy + b(c_out) * out
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    return (weight * ((denoised - hr) ** 2).mean(dim=(1, 2, 3))).mean()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of [0, 1] images."""
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+    return 10 * torch.log10(1 / mse)
+
+
+@torch.no_grad()
+def evaluate_gate(pipe: InfDiTPipeline, hr: torch.Tensor, lr: torch.Tensor, steps: int = 20, seed: int = 0) -> dict:
+    """Mean PSNR against HR of the testbed's SR output and of bicubic upsampling, on the same pairs."""
+    from .pipeline import bicubic_resize
+
+    sr = torch.cat([pipe(lr[i : i + 1], num_inference_steps=steps, generator=torch.Generator().manual_seed(seed + i),
+                         output_type="pt").images for i in range(len(lr))])
+    bicubic = ((bicubic_resize(lr * 2 - 1, tuple(hr.shape[-2:])).clamp(-1, 1) + 1) / 2)
+    return {"psnr_sr": float(psnr(sr, hr).mean()), "psnr_bicubic": float(psnr(bicubic, hr).mean()),
+            "n": len(hr), "steps": steps}
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 3000
+    time_limit_minutes: float = 25.0
+    batch_size: int = 12
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    pool_size: int = 4096
+    log_every: int = 50
+    save_every: int = 250
+    eval_pairs: int = 16
+    eval_steps: int = 20
+    model: SRTestbedConfig = field(default_factory=SRTestbedConfig)
+
+
+def save_testbed(pipe: InfDiTPipeline, out: Path, meta: dict) -> None:
+    from .convert import save_image_encoder
+
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    save_image_encoder(pipe.image_encoder, out / "image_encoder", arch="testbed")
+    (out / "image_encoder" / "config.json").write_text(json.dumps(
+        {"library": "open_clip", "arch": "testbed", "part": "visual", "class": "open_clip.transformer.VisionTransformer",
+         "kwargs": dict(image_size=224, patch_size=32, width=meta["model"]["encoder_width"], layers=1, heads=2,
+                        mlp_ratio=2.0, output_dim=meta["model"]["vector_dim"])}, indent=2))
+    (out / "testbed.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_testbed(path: str | Path) -> InfDiTPipeline:
+    """The shipped (or a freshly trained) SR testbed folder -> pipeline on CPU."""
+    from open_clip.transformer import VisionTransformer
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "transformer" / "config.json").is_file():
+        raise FileNotFoundError(f"no Inf-DiT SR testbed at {path}: train one with "
+                                f"python experiments/train_inf_dit_sr_testbed.py export_dir={path}")
+    transformer = InfDiTTransformer2DModel.from_pretrained(path / "transformer").eval()
+    spec = json.loads((path / "image_encoder" / "config.json").read_text())
+    encoder = VisionTransformer(**spec["kwargs"]).eval()
+    encoder.load_state_dict(load_file(str(path / "image_encoder" / "model.safetensors")), strict=True)
+    pipe = InfDiTPipeline(transformer=transformer, image_encoder=encoder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def train(cfg: TrainConfig, out_dir: Path, log=None) -> dict:
+    """Train the testbed; checkpoints to ``out_dir`` every ``save_every`` steps and at the end; returns the gate."""
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    pipe = build_testbed(cfg.model, cfg.seed)
+    transformer, encoder = pipe.transformer, pipe.image_encoder
+    photos = [load_photo(p) for p in TRAIN_PHOTOS]
+    pool = random_crops(photos, cfg.pool_size, cfg.model.hr_size, generator)
+    pool_lr = downscale(pool)
+    with torch.no_grad():
+        pool_embeds = torch.cat([encode_lr_image(encoder, pool_lr[i : i + 256] * 2 - 1)
+                                 for i in range(0, len(pool_lr), 256)])
+    eval_hr, eval_lr = heldout_pairs(cfg.eval_pairs, cfg.model.hr_size)
+
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    meta = {"model": vars(cfg.model), "train": {k: v for k, v in vars(cfg).items() if k != "model"},
+            "train_photos": TRAIN_PHOTOS, "heldout_photos": HELDOUT_PHOTOS}
+    start, step, ema = time.time(), 0, None
+    transformer.train()
+    with tqdm(total=cfg.steps, desc="train SR testbed") as bar:
+        while step < cfg.steps and (time.time() - start) < cfg.time_limit_minutes * 60:
+            idx = torch.randint(len(pool), (cfg.batch_size,), generator=generator)
+            loss = edm_loss(transformer, pool[idx] * 2 - 1, pool_lr[idx] * 2 - 1, pool_embeds[idx], generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            ema = float(loss.detach()) if ema is None else 0.98 * ema + 0.02 * float(loss.detach())
+            bar.update()
+            bar.set_postfix(loss=f"{ema:.4f}")
+            if log is not None and step % cfg.log_every == 0:
+                log({"loss": ema, "lr": schedule.get_last_lr()[0], "minutes": (time.time() - start) / 60}, step)
+            if step % cfg.save_every == 0:
+                transformer.eval()
+                save_testbed(pipe, out_dir, {**meta, "steps_done": step, "loss_ema": ema})
+                transformer.train()
+    transformer.eval()
+    minutes = (time.time() - start) / 60
+    gate = evaluate_gate(pipe, eval_hr, eval_lr, steps=cfg.eval_steps, seed=cfg.seed)
+    gate["passes"] = gate["psnr_sr"] > gate["psnr_bicubic"]
+    meta.update(steps_done=step, loss_ema=ema, train_minutes=minutes, gate=gate)
+    save_testbed(pipe, out_dir, meta)
+    logger.info("SR testbed: %d steps in %.1f min, loss %.4f; held-out PSNR SR %.2f dB vs bicubic %.2f dB",
+                step, minutes, ema, gate["psnr_sr"], gate["psnr_bicubic"])
+    return meta

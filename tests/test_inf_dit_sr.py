@@ -1,0 +1,71 @@
+"""Inf-DiT SR testbed training and the SR table, end to end at toy sizes (seconds)."""
+
+import json
+
+import pytest
+import torch
+
+from hicache.models.inf_dit.sr_experiment import (SRSetupError, load_hr_images, load_sr_pipeline, resolve_variants,
+                                                  run_table)
+from hicache.models.inf_dit.sr_testbed import (SRTestbedConfig, TrainConfig, downscale, load_testbed, psnr,
+                                               random_crops, train)
+
+TOY = SRTestbedConfig(num_layers=1, hidden_size=32, num_attention_heads=2, encoder_width=16, vector_dim=8)
+
+
+@pytest.fixture(scope="module")
+def toy_testbed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sr_testbed")
+    cfg = TrainConfig(steps=2, batch_size=2, pool_size=4, eval_pairs=1, eval_steps=1, save_every=1, model=TOY)
+    meta = train(cfg, out)
+    return out, meta
+
+
+def test_training_writes_a_loadable_testbed_with_its_gate(toy_testbed):
+    out, meta = toy_testbed
+    assert meta["steps_done"] == 2 and set(meta["gate"]) >= {"psnr_sr", "psnr_bicubic", "passes"}
+    assert json.loads((out / "testbed.json").read_text())["gate"] == meta["gate"]
+    pipe = load_testbed(out)
+    image = pipe(torch.rand(1, 3, 16, 16), num_inference_steps=1, output_type="pt").images
+    assert image.shape == (1, 3, 64, 64)
+
+
+def test_crops_and_degradation():
+    photos = [torch.rand(3, 80, 100)]
+    crops = random_crops(photos, 3, 64, torch.Generator().manual_seed(0))
+    assert crops.shape == (3, 3, 64, 64) and 0 <= crops.min() and crops.max() <= 1
+    assert downscale(crops).shape == (3, 3, 16, 16)
+    assert psnr(crops, crops.clone()).min() > 100
+
+
+def test_equal_cost_variant_matches_the_cache_forward_count():
+    spec = {"full": {}, "steps_cost": {"match_cost_of": "hicache_N5"},
+            "hicache_N5": {"cache": {"method": "hicache", "interval": 5, "warmup": 3, "order": 2}}}
+    variants = {v.name: v for v in resolve_variants(spec, 20)}
+    assert variants["full"].steps == 20 and variants["full"].cache is None
+    # 39 forwards, full at 0, 1, 2, 7, 12, ..., 37 -> 10 full forwards -> 6 Heun steps (11 forwards)
+    assert variants["steps_cost"].steps == 6
+
+
+def test_sr_table_on_the_toy_testbed(toy_testbed, tmp_path):
+    out, _ = toy_testbed
+    pipe = load_sr_pipeline("testbed", str(out))
+    images = load_hr_images("heldout", 2, None, 64, pipe.transformer.config.image_block_size)
+    spec = {"full": {}, "fora_N2": {"cache": {"method": "fora", "interval": 2, "warmup": 1, "order": 0}},
+            "steps_cost": {"match_cost_of": "fora_N2"}}
+    rows = run_table(pipe, images, resolve_variants(spec, 3), seed=0, lpips=False, out_dir=tmp_path, save_images=1)
+    by = {r["variant"]: r for r in rows}
+    assert by["full"]["psnr_full"] == float("inf") and by["full"]["flops_speedup"] == 1.0
+    assert by["fora_N2"]["full_forwards"] == 3 and by["fora_N2"]["cached_forwards"] == 2
+    assert by["fora_N2"]["flops_speedup"] > 1.2 and by["fora_N2"]["psnr_full"] < float("inf")
+    assert "psnr_hr" in by["bicubic"]
+    assert (tmp_path / "results.md").read_text().startswith("| variant |")
+
+
+def test_missing_weights_and_data_are_one_line_errors(tmp_path):
+    with pytest.raises(SRSetupError, match=r"cloud\.tsinghua\.edu\.cn"):
+        load_sr_pipeline("released", str(tmp_path / "none.pt"))
+    with pytest.raises(SRSetupError, match="train one with"):
+        load_sr_pipeline("testbed", str(tmp_path))
+    with pytest.raises(SRSetupError, match="no HR images"):
+        load_hr_images("folder", None, str(tmp_path), 64, 32)

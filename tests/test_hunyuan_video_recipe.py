@@ -165,3 +165,32 @@ def test_single_block_skipped_modules_only_feed_proj_out(transformer):
             h.remove()
     for a, b in zip(out, out_ref):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_recipe_runs_on_the_image_to_video_token_replace_variant():
+    """HunyuanVideo-I2V's token-replace blocks keep the module names; interval 1 is exact, caching is not."""
+    model = tiny_hunyuan_video_transformer(num_layers=1, num_single_layers=1, image_condition_type="token_replace")
+    inputs = _inputs(frames=3, seed=3)
+
+    def denoise(config):
+        if config is not None:
+            hicache.apply_cache(model, config, "hunyuan_video")
+        outs = []
+        try:
+            with torch.no_grad():
+                for t in (900.0, 700.0, 500.0, 300.0, 100.0):
+                    inputs["timestep"] = torch.tensor([t])
+                    if config is None:
+                        outs.append(model(**inputs)[0])
+                    else:
+                        with hicache.cache_context(model, "cond"):
+                            outs.append(model(**inputs)[0])
+        finally:
+            if config is not None:
+                hicache.remove_cache(model)
+        return torch.stack(outs)
+
+    plain = denoise(None)
+    assert torch.equal(denoise(hicache.CacheConfig("hicache", interval=1, warmup=1)), plain)
+    cached = denoise(hicache.CacheConfig("hicache", interval=3, warmup=2, order=1))
+    assert torch.equal(cached[:2], plain[:2]) and not torch.equal(cached[2:4], plain[2:4])

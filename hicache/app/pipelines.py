@@ -67,12 +67,22 @@ def from_pretrained(pipeline_class, model: DictConfig):
     looks_local = local.exists() or path.startswith(("/", ".", "~")) or path.count("/") != 1
     if looks_local and not (local / "model_index.json").is_file():
         raise SetupError(f"model {model.name}: no diffusers pipeline at {local} (model_index.json missing); {hint}")
+    import diffusers
+    from diffusers.utils import logging as diffusers_logging
+    from packaging.version import Version
+
+    dtype_arg = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its "couldn't connect, trying the cache" lines are not the error
     try:
         return pipeline_class.from_pretrained(str(local) if looks_local else path,
-                                              torch_dtype=resolve_dtype(model.dtype))
+                                              **{dtype_arg: resolve_dtype(model.dtype)})
     except OSError as err:
-        reason = str(err).splitlines()[0][:160]
+        reason = str(err).splitlines()[0]
+        reason = reason if len(reason) <= 100 else reason[:100] + "..."
         raise SetupError(f"model {model.name}: cannot load {path!r} ({reason}); {hint}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 @register_loader("flux")

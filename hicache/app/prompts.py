@@ -73,6 +73,10 @@ def _from_hub(data: DictConfig) -> list[str]:
     except ImportError:
         raise SetupError(f"data {data.name} needs the `datasets` package (pip install datasets), "
                          f"or a local copy: data.local_file=<file>") from None
+    from datasets.utils import logging as datasets_logging
+
+    verbosity = datasets_logging.get_verbosity()
+    datasets_logging.set_verbosity_error()  # its retry messages are not the error
     try:
         table = datasets.load_dataset(data.hub_id, split=data.split)
     except Exception as err:  # datasets raises many types offline; all mean "not reachable, not cached"
@@ -81,6 +85,8 @@ def _from_hub(data: DictConfig) -> list[str]:
             f"data {data.name}: cannot load {data.hub_id!r} from the hub ({reason}); save its "
             f"{data.column!r} column to a .txt/.csv file and set data.local_file=<file>"
         ) from None
+    finally:
+        datasets_logging.set_verbosity(verbosity)
     return list(table[data.column])
 
 

@@ -178,3 +178,18 @@ def test_diffusers_caches_attach_run_and_detach(name):
     assert not pipe.transformer.is_cache_enabled
     assert np.isfinite(cached).all() and cached.shape == reference.shape
     assert np.array_equal(_generate(pipe), reference)
+
+
+@pytest.mark.parametrize("name", ["none", "fora", "taylorseer", "hicache", "hi_taylor", "hicache_analytic"])
+def test_hicache_cache_configs_attach_run_and_detach(name):
+    from hicache.app.testing import CONF_DIR
+
+    pipe = tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    reference = _generate(pipe)
+    attached = attach(pipe, OmegaConf.load(CONF_DIR / "cache" / f"{name}.yaml"), cfg(recipe="flux"), 6)
+    cached = _generate(pipe)
+    attached.detach()
+    assert np.isfinite(cached).all()
+    assert np.array_equal(cached, reference) == (name == "none")  # 6 steps at N=7, W=3: steps 3-5 forecast
+    assert np.array_equal(_generate(pipe), reference)

@@ -117,3 +117,12 @@ def test_vbench_prompt_suite_from_a_local_file(tmp_path):
     suite.write_text(json.dumps([{"prompt_en": "a cat", "dimension": ["color"]}, {"prompt_en": "a dog"}]))
     data = OmegaConf.create({"name": "vbench", "source": "vbench", "file": str(suite), "limit": None})
     assert video.SOURCES["vbench"](data) == ["a cat", "a dog"]
+
+
+def test_image_metrics_on_a_video_model_fail_before_rendering(tmp_path, capsys):
+    overrides = [o for o in VIDEO_TINY_OVERRIDES if not o.startswith("metrics=")]
+    with pytest.raises(SystemExit):
+        run_overrides([*overrides, "name=wrong_metrics", f"paths.outputs={tmp_path}", "metrics=fidelity"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "use metrics=video" in err
+    assert not (tmp_path / "_references").exists()  # nothing was rendered

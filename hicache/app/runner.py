@@ -150,6 +150,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if world.is_main:
         run_dir.claim()
     output = output_kind(cfg.model.get("output", "image"))
+    video.check_metrics(cfg.model, cfg.metrics)
     pipe = load_pipeline(cfg.model, device)
     prompts = load_prompts(cfg.data, int(cfg.sampling.seed_offset))
     metrics, unavailable = build_metrics(cfg.metrics, device)

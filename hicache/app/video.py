@@ -236,6 +236,21 @@ def _vbench(options: DictConfig, device: torch.device) -> Metric:
     return Metric("vbench", "quality", score)
 
 
+VIDEO_METRICS = ("video_psnr", "video_ssim", "video_lpips", "vbench")
+
+
+def check_metrics(model: DictConfig, metrics: DictConfig) -> None:
+    """Fail before any rendering when a video model is given image metrics (they cannot read videos)."""
+    if model.get("output", "image") != "video":
+        return
+    enabled = [name for name, options in metrics.items()
+               if isinstance(options, DictConfig) and options.get("enabled", False)]
+    wrong = [name for name in enabled if name not in VIDEO_METRICS]
+    if wrong:
+        raise SetupError(f"model {model.name} makes videos, but metrics {', '.join(wrong)} score images; "
+                         f"use metrics=video (or metrics=video_paper): {', '.join(VIDEO_METRICS)}")
+
+
 # ----------------------------------------------------------------------------- prompts
 
 def _vbench_prompts(data: DictConfig) -> list[str]:

@@ -22,3 +22,17 @@ def test_single_run_writes_images_metrics_and_summary(tmp_path):
     assert on_disk["full_steps"] == [0, 2]
     assert 1.5 < on_disk["flops_speedup"] <= 2.0
     assert "| HiCache |" in render(tmp_path)
+
+
+def test_jobs_of_one_process_share_the_pipeline_and_leave_it_uncached(tmp_path, monkeypatch):
+    import hicache.app.pipelines as pipelines
+
+    loads = []
+    real_load = pipelines._load
+    monkeypatch.setattr(pipelines, "_load", lambda *a: loads.append(1) or real_load(*a))
+    pipelines.forget_pipelines()
+    base = [*TINY_OVERRIDES, "name=share", f"paths.outputs={tmp_path}"]
+    run_overrides([*base, "cache=hicache", "cache.interval=2", "cache.warmup=1"])
+    [uncached] = run_overrides([*base, "cache=none"])
+    assert len(loads) == 1
+    assert uncached["psnr"] == float("inf")  # the kept pipeline has no hooks left: bit-identical to the reference

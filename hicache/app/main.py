@@ -52,9 +52,14 @@ def main(cfg: DictConfig) -> dict:
         from .runner import run
 
         return run(apply_variant(cfg))
-    except SetupError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    except BaseException as err:
+        from .pipelines import forget_pipelines
+
+        forget_pipelines()  # a failed job may leave hooks on the kept pipeline
+        if isinstance(err, SetupError):
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        raise
 
 
 def _importable(module: str) -> bool:

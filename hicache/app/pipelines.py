@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .errors import SetupError
 
@@ -44,8 +44,32 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     return dtype
 
 
+_LOADED: dict[str, object] = {}  # the last pipeline, so the jobs of a multirun load the weights once
+
+
 def load_pipeline(model: DictConfig, device: torch.device):
-    """The pipeline of ``model`` on ``device``, with its own progress bar off (the app shows one per run)."""
+    """The pipeline of ``model`` on ``device``, with its own progress bar off (the app shows one per run).
+
+    The jobs of a Hydra multirun share one process: the last pipeline is kept and handed to the next
+    job with the same model config (every run detaches its cache, so it is the uncached model again).
+    ``model.reuse=false`` loads afresh every time.
+    """
+    key = f"{device}|{OmegaConf.to_yaml(model, resolve=True)}"
+    if model.get("reuse", True) and key in _LOADED:
+        return _LOADED[key]
+    _LOADED.clear()
+    pipe = _load(model, device)
+    if model.get("reuse", True):
+        _LOADED[key] = pipe
+    return pipe
+
+
+def forget_pipelines() -> None:
+    """Drop the kept pipeline (after a failed job, whose hooks may not have been removed)."""
+    _LOADED.clear()
+
+
+def _load(model: DictConfig, device: torch.device):
     if model.kind not in LOADERS:
         raise SetupError(f"model.kind={model.kind!r} has no loader; known kinds: {', '.join(sorted(LOADERS))}")
     pipe = LOADERS[model.kind](model)

@@ -199,9 +199,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                  "flops": read_json(flops_file)["flops"] if flops_file.is_file() else None,
                  "reference_flops": store.flops(), **described}
         summary = summarize(cfg, records, [m.name for m in metrics], unavailable, extra)
-        run_dir.write_final(records, summary)
-        summary = run_dir.summary()
         OmegaConf.save(cfg, run_dir.path / "config.yaml", resolve=True)
+        run_dir.write_final(records, summary)  # summary.json last: it marks the run finished
+        summary = run_dir.summary()
         pairs = []
         for r in records[: int(cfg.logger.get("grid_size", 8))] if cfg.logger.get("kind", "none") != "none" else []:
             ref = store.get(r["prompt"], r["seed"])

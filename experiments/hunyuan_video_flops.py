@@ -64,7 +64,8 @@ def loop_flops(model, inputs: dict, steps: int, config: hicache.CacheConfig | No
     try:
         with FlopCounterMode(display=False) as counter:
             for i in tqdm(range(steps), desc=config.method if config else "none", leave=False):
-                timestep = torch.full((inputs["hidden_states"].shape[0],), 1000.0 * (1 - i / steps), device="meta")
+                x = inputs["hidden_states"]
+                timestep = torch.full((x.shape[0],), 1000.0 * (1 - i / steps), device=x.device)
                 if config is not None and config.method != "none":
                     with hicache.cache_context(model, "cond", num_inference_steps=steps):
                         model(timestep=timestep, **inputs)

@@ -12,7 +12,18 @@ import time
 from contextlib import contextmanager
 
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# PyTorch counts the CUDA attention kernels but not the CPU one, so CPU runs would leave attention out.
+_CPU_ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _CPU_ATTENTION not in flop_counter.flop_registry:
+    flop_counter.register_flop_formula(_CPU_ATTENTION)(_cpu_attention_flops)
 
 
 def synchronize(device: torch.device) -> None:

@@ -23,6 +23,17 @@ logger = logging.getLogger(__name__)
 
 
 def run_collect(cfg: DictConfig) -> dict:
+    """One collection job; ``model.cpu_threads`` caps torch's CPU threads as in the caching runs."""
+    threads = torch.get_num_threads()
+    if cfg.model.get("cpu_threads") and resolve_device(cfg.model.get("device")).type == "cpu":
+        torch.set_num_threads(int(cfg.model.cpu_threads))
+    try:
+        return _collect(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _collect(cfg: DictConfig) -> dict:
     c = cfg.collect
     if cfg.cache.method != "none":
         raise SetupError(f"experiment=collect_features records full compute; got cache={cfg.cache.name}, use cache=none")

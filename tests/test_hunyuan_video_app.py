@@ -126,3 +126,4 @@ def test_image_metrics_on_a_video_model_fail_before_rendering(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "use metrics=video" in err
     assert not (tmp_path / "_references").exists()  # nothing was rendered
+    assert not (tmp_path / "wrong_metrics").exists()  # nor the run folder claimed

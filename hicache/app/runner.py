@@ -159,10 +159,10 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         distributed.leave(world)
         return run_dir.summary()
 
+    video.check_metrics(cfg.model, cfg.metrics)
     if world.is_main:
         run_dir.claim()
     output = output_kind(cfg.model.get("output", "image"))
-    video.check_metrics(cfg.model, cfg.metrics)
     pipe = load_pipeline(cfg.model, device)
     prompts = load_prompts(cfg.data, int(cfg.sampling.seed_offset))
     metrics, unavailable = build_metrics(cfg.metrics, device)

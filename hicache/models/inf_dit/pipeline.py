@@ -98,6 +98,9 @@ class InfDiTPipeline(DiffusionPipeline):
         transformer: an `InfDiTTransformer2DModel`.
         image_encoder: the OpenCLIP ViT-L/14 visual tower (see `image_encoder.py`), or None if every
             call passes ``image_embeds``.
+
+    The image encoder is an open_clip module, which diffusers cannot serialise: store a pipeline with
+    ``python -m hicache.models.inf_dit.convert`` and load it with `from_converted`, not `save_pretrained`.
     """
 
     model_cpu_offload_seq = "image_encoder->transformer"

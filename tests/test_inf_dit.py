@@ -279,3 +279,18 @@ def test_a_step_is_one_transformer_forward(pipe):
         assert torch.equal(run(pipe, image, steps=4), cached)  # state resets between calls
     finally:
         hicache.remove_cache(pipe.transformer)
+
+
+def test_clip_tower_loads_strictly_from_official_names(monkeypatch):
+    from hicache.models.inf_dit import image_encoder
+    from hicache.models.inf_dit.tiny import tiny_clip_visual
+
+    monkeypatch.setattr(image_encoder, "build_clip_visual", lambda arch="": tiny_clip_visual(seed=1))
+    source = tiny_clip_visual(seed=0)
+    state = {f"image_encoder.model.visual.{k}": v for k, v in source.state_dict().items()}
+    state["image_encoder.model.token_embedding.weight"] = torch.zeros(2, 2)  # text side: not part of the tower
+    loaded = image_encoder.clip_visual_from_sat_state_dict(state)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in source.state_dict().items())
+    del state["image_encoder.model.visual.proj"]
+    with pytest.raises(RuntimeError, match="proj"):
+        image_encoder.clip_visual_from_sat_state_dict(state)

@@ -7,11 +7,22 @@ kernel, which the app's speed module teaches FlopCounterMode to count: the two m
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 import hicache
 import hicache.app.speed  # noqa: F401  (counts the fused CPU attention kernel, as the app does)
 from hicache.tiny_video import tiny_hunyuan_video_transformer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """Toy-sized models run fastest on one thread, and leave the other core to the rest of the suite."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "hunyuan_video_flops.py"
 spec = importlib.util.spec_from_file_location("hunyuan_video_flops", SCRIPT)

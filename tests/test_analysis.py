@@ -16,6 +16,16 @@ from hicache.tiny import tiny_flux_pipeline  # noqa: E402
 from hicache.trajectories import Series, collect_pipeline_runs  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """Toy-sized models run fastest on one thread, and leave the other core to the rest of the suite."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
 def make_series(values: torch.Tensor) -> Series:
     return Series(key="cond/blocks.0.f/0", branch="cond", name="blocks.0.f", block="blocks.0", module="f", output=0,
                   steps=list(range(values.shape[0])), values=values)

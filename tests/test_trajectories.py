@@ -16,6 +16,16 @@ from hicache.trajectories import (
     trajectory_files,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """Toy-sized models run fastest on one thread, and leave the other core to the rest of the suite."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 STEPS = 5
 CALL = dict(num_inference_steps=STEPS, height=32, width=32, guidance_scale=3.5)
 

@@ -216,6 +216,17 @@ def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
     return image.resize((resolution, resolution), Image.BOX)
 
 
+def shape_mask(scene: Scene, resolution: int = RESOLUTION) -> np.ndarray:
+    """Per-pixel shape coverage in [0, 1] (anti-aliased like `render`), e.g. to weight a loss."""
+    big = resolution * _SUPERSAMPLE
+    layer = Image.new("RGB", (big, big))
+    draw = ImageDraw.Draw(layer)
+    for spec in scene.shapes:
+        _draw_shape(draw, ShapeSpec(spec.shape, "white", spec.size, spec.cell, spec.offset), big / RESOLUTION)
+    coverage = np.asarray(layer.convert("L").resize((resolution, resolution), Image.BOX), dtype=np.float32)
+    return coverage / coverage.max() if coverage.max() > 0 else coverage
+
+
 _POSITION_ALT = "|".join(re.escape(p) for p in POSITIONS.values())
 _OBJECT_RE = re.compile(
     rf"a (?P<size>{'|'.join(SIZES)}) (?P<colour>{'|'.join(COLOURS)}) (?P<shape>{'|'.join(SHAPES)}) "

@@ -9,7 +9,7 @@ This isolates the forecast from error feedback: in real caching the input of lat
 perturbed by earlier forecasts, which this replay does not model. In exchange, a whole grid of
 interval N, order O and sigma costs seconds, which makes it the sigma ablation without resampling.
 
-CLI: ``python -m analysis.forecast_error RUNS... --out analysis/out/forecast_error`` writes
+CLI: ``python -m analysis.forecast_error RUNS... --out outputs/analysis/forecast_error`` writes
 ``forecast_error.csv`` (per run, series, config and cached step), ``forecast_error_summary.csv``
 (mean over cached steps, series and runs per config), ``forecast_error_blocks.csv`` (per block),
 ``forecast_error.md`` and figures (error against sigma, against N, and per step).
@@ -264,7 +264,7 @@ def run(paths, out_dir: str | Path, methods=METHODS, intervals=DEFAULT_INTERVALS
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="trajectory .safetensors files or folders of them")
-    parser.add_argument("--out", default="analysis/out/forecast_error")
+    parser.add_argument("--out", default="outputs/analysis/forecast_error")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--intervals", type=int, nargs="+", default=list(DEFAULT_INTERVALS))
     parser.add_argument("--orders", type=int, nargs="+", default=list(DEFAULT_ORDERS))

@@ -15,7 +15,7 @@ recorded trajectories (`hicache.trajectories`), per (run, block, module, output,
 The differences are those of the core's own `DifferenceHistory` fed the full trajectory every
 ``stride`` steps, so they are exactly the quantities a forecast with interval ``stride`` multiplies.
 
-CLI: ``python -m analysis.gaussianity RUNS... --out analysis/out/gaussianity`` writes
+CLI: ``python -m analysis.gaussianity RUNS... --out outputs/analysis/gaussianity`` writes
 ``gaussianity.csv`` (every row), ``gaussianity_summary.csv`` and ``gaussianity.md`` (per block,
 module and order) and figures under ``figures/``.
 """
@@ -363,7 +363,7 @@ def _run(paths, out_dir, orders, stride, sample_size, pca_dims, step_every, seed
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="trajectory .safetensors files or folders of them")
-    parser.add_argument("--out", default="analysis/out/gaussianity", help="output folder")
+    parser.add_argument("--out", default="outputs/analysis/gaussianity", help="output folder")
     parser.add_argument("--orders", type=int, nargs="+", default=list(ORDERS))
     parser.add_argument("--stride", type=int, default=1, help="difference over this many steps (the interval N)")
     parser.add_argument("--sample-size", type=int, default=1000, help="elements per univariate test and fit")

@@ -74,3 +74,21 @@ def test_two_process_sharding_merges_on_rank_zero(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["num_outputs"] == 4
     assert len(list((run_dir / "images").glob("*.png"))) == 4
+
+
+def test_the_command_a_setup_error_suggests_then_runs(tmp_path):
+    """After the missing-weights error, the same command with the hinted model.path must run: the
+    failed attempt may not leave a claimed run folder behind."""
+    from hicache.tiny import save_tiny_flux_pipeline
+
+    out = tmp_path / "out"
+    env = {"HF_HOME": str(tmp_path / "hf")}
+    small = ("data=tiny_words", "data.limit=1", "sampling.steps=2", "sampling.height=16", "sampling.width=16",
+             "metrics=fidelity", "logger=none", "speed.warmup=false", "speed.flops=false", f"paths.outputs={out}")
+    failed = run_py("experiment=flux_hicache", *small, env=env)
+    assert failed.returncode == 2 and "model.path=" in failed.stderr
+    folder = save_tiny_flux_pipeline(tmp_path / "flux")
+    fixed = run_py("experiment=flux_hicache", *small, f"model.path={folder}", "model.dtype=float32",
+                   "model.device=cpu", "model.call_kwargs.max_sequence_length=16", env=env)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert list(out.glob("flux_hicache/*/summary.json"))

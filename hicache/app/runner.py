@@ -160,12 +160,14 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         return run_dir.summary()
 
     video.check_metrics(cfg.model, cfg.metrics)
-    if world.is_main:
-        run_dir.claim()
     output = output_kind(cfg.model.get("output", "image"))
     pipe = load_pipeline(cfg.model, device)
     prompts = load_prompts(cfg.data, int(cfg.sampling.seed_offset))
     metrics, unavailable = build_metrics(cfg.metrics, device)
+    # Claim the folder only once setup succeeded: a run that stopped at a setup error (missing
+    # weights, say) must not block the corrected command the error told the user to type.
+    if world.is_main:
+        run_dir.claim()
     world.barrier()
     done = run_dir.records()
     shard = world.shard(prompts)

@@ -16,13 +16,6 @@ from hicache.tiny import tiny_flux_pipeline  # noqa: E402
 from hicache.trajectories import Series, collect_pipeline_runs  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Toy-sized models run fastest on one thread, and leave the other core to the rest of the suite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 

@@ -15,13 +15,6 @@ import hicache.app.speed  # noqa: F401  (counts the fused CPU attention kernel, 
 from hicache.tiny_video import tiny_hunyuan_video_transformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Toy-sized models run fastest on one thread, and leave the other core to the rest of the suite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "hunyuan_video_flops.py"

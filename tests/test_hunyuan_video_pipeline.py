@@ -8,13 +8,6 @@ import hicache
 from hicache.tiny_video import save_tiny_hunyuan_video_pipeline, tiny_call_kwargs, tiny_prompt_template
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Toy-sized models run fastest on one thread, and leave the other core to the rest of the suite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 STEPS = 12

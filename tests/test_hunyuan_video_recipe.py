@@ -12,13 +12,6 @@ import hicache
 from hicache.tiny_video import tiny_hunyuan_video_transformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Toy-sized models run fastest on one thread, and leave the other core to the rest of the suite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

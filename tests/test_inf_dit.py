@@ -54,13 +54,6 @@ OFFICIAL_KEYS_2_LAYERS = {
 UNUSED_IN_PORT = {k for k in OFFICIAL_KEYS_2_LAYERS if re.search(r"position_embeddings|k_layer_norm|rope\.freqs", k)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy sizes: one thread is faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-__all__ = ["Recipe", "register_recipe", "get_recipe", "available_recipes"]
+__all__ = ["Recipe", "register_recipe", "get_recipe", "available_recipes", "double_single_stream"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,31 @@ def get_recipe(recipe: str | Recipe) -> Recipe:
 
 def available_recipes() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def double_single_stream(name: str) -> Recipe:
+    """The MMDiT layout of FLUX and HunyuanVideo: ``transformer_blocks`` (double-stream) then
+    ``single_transformer_blocks``, with the same submodule names in both families.
+
+    Double-stream: the pre-gate attention outputs (``attn`` returns the image/video and text
+    outputs as a tuple) and the pre-gate ``ff``/``ff_context`` outputs are forecast. Single-stream:
+    the pre-gate ``proj_out`` output is forecast, and ``attn`` and ``proj_mlp``, which only feed it,
+    are skipped. Patterns are full matches from the top-level block lists, so nested blocks with the
+    same leaf names (HunyuanVideo's token refiner) never match.
+    """
+    return Recipe(
+        name=name,
+        forecast=(
+            r"transformer_blocks\.\d+\.attn",
+            r"transformer_blocks\.\d+\.ff",
+            r"transformer_blocks\.\d+\.ff_context",
+            r"single_transformer_blocks\.\d+\.proj_out",
+        ),
+        skip=(
+            r"single_transformer_blocks\.\d+\.attn",
+            r"single_transformer_blocks\.\d+\.proj_mlp",
+        ),
+    )
 
 
 from . import flux  # noqa: E402,F401  (registers the built-in recipes)

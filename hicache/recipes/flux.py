@@ -6,20 +6,6 @@ pre-gate ``proj_out`` output is forecast, and the attention and MLP input projec
 it are skipped. A cached step then runs only the embeddings, modulation, gates and residual adds.
 """
 
-from . import Recipe, register_recipe
+from . import double_single_stream, register_recipe
 
-FLUX = register_recipe(
-    Recipe(
-        name="flux",
-        forecast=(
-            r"transformer_blocks\.\d+\.attn",
-            r"transformer_blocks\.\d+\.ff",
-            r"transformer_blocks\.\d+\.ff_context",
-            r"single_transformer_blocks\.\d+\.proj_out",
-        ),
-        skip=(
-            r"single_transformer_blocks\.\d+\.attn",
-            r"single_transformer_blocks\.\d+\.proj_mlp",
-        ),
-    )
-)
+FLUX = register_recipe(double_single_stream("flux"))

@@ -15,20 +15,6 @@ The patterns are anchored on the top-level block lists, so the refiner's own ``a
 (``context_embedder.token_refiner.refiner_blocks.*``) never match.
 """
 
-from . import Recipe, register_recipe
+from . import double_single_stream, register_recipe
 
-HUNYUAN_VIDEO = register_recipe(
-    Recipe(
-        name="hunyuan_video",
-        forecast=(
-            r"transformer_blocks\.\d+\.attn",
-            r"transformer_blocks\.\d+\.ff",
-            r"transformer_blocks\.\d+\.ff_context",
-            r"single_transformer_blocks\.\d+\.proj_out",
-        ),
-        skip=(
-            r"single_transformer_blocks\.\d+\.attn",
-            r"single_transformer_blocks\.\d+\.proj_mlp",
-        ),
-    )
-)
+HUNYUAN_VIDEO = register_recipe(double_single_stream("hunyuan_video"))

@@ -7,8 +7,8 @@ import torch
 
 from hicache.models.inf_dit.sr_experiment import (SRSetupError, load_hr_images, load_sr_pipeline, resolve_variants,
                                                   run_table)
-from hicache.models.inf_dit.sr_testbed import (SRTestbedConfig, TrainConfig, downscale, load_testbed, psnr,
-                                               random_crops, train)
+from hicache.models.inf_dit.sr_testbed import (SRTestbedConfig, TrainConfig, downscale, load_testbed, lr_factor, psnr,
+                                               random_crops, train, update_ema)
 
 TOY = SRTestbedConfig(num_layers=1, hidden_size=32, num_attention_heads=2, encoder_width=16, vector_dim=8)
 
@@ -25,7 +25,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def toy_testbed(tmp_path_factory):
     out = tmp_path_factory.mktemp("sr_testbed")
-    cfg = TrainConfig(steps=2, batch_size=2, pool_size=4, eval_pairs=1, eval_steps=1, save_every=1, model=TOY)
+    cfg = TrainConfig(steps=2, batch_size=2, pool_size=4, eval_pairs=1, eval_steps=1, save_every=1, model=TOY,
+                      ema_decay=0.9, p_mean=-0.5, p_std=2.0)
     meta = train(cfg, out)
     return out, meta
 
@@ -78,3 +79,19 @@ def test_missing_weights_and_data_are_one_line_errors(tmp_path):
         load_sr_pipeline("testbed", str(tmp_path))
     with pytest.raises(SRSetupError, match="no HR images"):
         load_hr_images("folder", None, str(tmp_path), 64, 32)
+
+
+def test_lr_decays_over_wall_clock_when_the_time_limit_binds():
+    cfg = TrainConfig(steps=1000, time_limit_minutes=10, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, 0.0, cfg) == pytest.approx(0.1)            # warm-up
+    assert lr_factor(100, 0.0, cfg) < 1.0                          # step progress
+    assert lr_factor(20, 300.0, cfg) == pytest.approx(0.55)        # half the time: cosine midpoint
+    assert lr_factor(20, 600.0, cfg) == pytest.approx(0.1)         # time is up: the floor
+
+
+def test_ema_follows_the_weights():
+    model, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        ema.weight.zero_()
+    update_ema(ema, model, decay=0.5, step=100)
+    assert torch.allclose(ema.weight, 0.5 * model.weight)

@@ -4,13 +4,15 @@ photos bundled with scikit-image (nothing is downloaded), so the SR experiments 
 Data: random 64 px crops (after a random downscale of the whole photo, random flips and 90 degree
 turns) of the training photos; the LR input is the crop downscaled x4 by antialiased bicubic.
 Two photos are held out entirely for evaluation. Training is EDM's (Karras et al. 2022) with the
-official Inf-DiT settings: log-normal sigma (P_mean -1.0, P_std 1.4), EDM loss weighting, sigma_data 0.5.
+official Inf-DiT settings by default: log-normal sigma (P_mean -1.0, P_std 1.4), EDM loss weighting, sigma_data
+0.5 (the Hydra config widens the sigma range and exports EMA weights; see TrainConfig).
 The CLIP tower is replaced by a frozen, randomly initialised one-layer OpenCLIP ViT (pretrained
 CLIP weights cannot be fetched here); the pipeline path is unchanged.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -173,6 +175,10 @@ class TrainConfig:
     save_every: int = 250
     eval_pairs: int = 16
     eval_steps: int = 20
+    p_mean: float = -1.0
+    p_std: float = 1.4
+    ema_decay: float = 0.0
+    min_lr_ratio: float = 0.0
     model: SRTestbedConfig = field(default_factory=SRTestbedConfig)
 
 
@@ -207,8 +213,26 @@ def load_testbed(path: str | Path) -> InfDiTPipeline:
     return pipe
 
 
+def lr_factor(step: int, elapsed: float, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay over training progress, where progress is the larger of the step
+    fraction and the wall-clock fraction: a time-limited run still ends at the low learning rate."""
+    progress = min(1.0, max(step / cfg.steps, elapsed / (cfg.time_limit_minutes * 60)))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return min(1.0, (step + 1) / cfg.warmup_steps) * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """EMA of the weights with the usual short-run warm-up of the decay (min(decay, (1 + t) / (10 + t)))."""
+    d = min(decay, (1 + step) / (10 + step))
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_params, params, 1 - d)
+
+
 def train(cfg: TrainConfig, out_dir: Path, log=None) -> dict:
-    """Train the testbed; checkpoints to ``out_dir`` every ``save_every`` steps and at the end; returns the gate."""
+    """Train the testbed; checkpoints to ``out_dir`` every ``save_every`` steps and at the end; returns the gate.
+
+    With ``ema_decay`` > 0 the exported (and evaluated) weights are the EMA of the trained ones."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     pipe = build_testbed(cfg.model, cfg.seed)
@@ -220,40 +244,48 @@ def train(cfg: TrainConfig, out_dir: Path, log=None) -> dict:
         pool_embeds = torch.cat([encode_lr_image(encoder, pool_lr[i : i + 256] * 2 - 1)
                                  for i in range(0, len(pool_lr), 256)])
     eval_hr, eval_lr = heldout_pairs(cfg.eval_pairs, cfg.model.hr_size)
+    export = pipe
+    if cfg.ema_decay > 0:
+        ema_transformer = copy.deepcopy(transformer).eval().requires_grad_(False)
+        export = InfDiTPipeline(transformer=ema_transformer, image_encoder=encoder)
+        export.set_progress_bar_config(disable=True)
 
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     meta = {"model": vars(cfg.model), "train": {k: v for k, v in vars(cfg).items() if k != "model"},
             "train_photos": TRAIN_PHOTOS, "heldout_photos": HELDOUT_PHOTOS}
     start, step, ema = time.time(), 0, None
     transformer.train()
     with tqdm(total=cfg.steps, desc="train SR testbed") as bar:
         while step < cfg.steps and (time.time() - start) < cfg.time_limit_minutes * 60:
+            lr_now = cfg.lr * lr_factor(step, time.time() - start, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now
             idx = torch.randint(len(pool), (cfg.batch_size,), generator=generator)
-            loss = edm_loss(transformer, pool[idx] * 2 - 1, pool_lr[idx] * 2 - 1, pool_embeds[idx], generator)
+            loss = edm_loss(transformer, pool[idx] * 2 - 1, pool_lr[idx] * 2 - 1, pool_embeds[idx], generator,
+                            p_mean=cfg.p_mean, p_std=cfg.p_std)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
-            schedule.step()
+            if export is not pipe:
+                update_ema(export.transformer, transformer, cfg.ema_decay, step)
             step += 1
             ema = float(loss.detach()) if ema is None else 0.98 * ema + 0.02 * float(loss.detach())
             bar.update()
-            bar.set_postfix(loss=f"{ema:.4f}")
+            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr_now:.2e}")
             if log is not None and step % cfg.log_every == 0:
-                log({"loss": ema, "lr": schedule.get_last_lr()[0], "minutes": (time.time() - start) / 60}, step)
+                log({"loss": ema, "lr": lr_now, "minutes": (time.time() - start) / 60}, step)
             if step % cfg.save_every == 0:
                 transformer.eval()
-                save_testbed(pipe, out_dir, {**meta, "steps_done": step, "loss_ema": ema})
+                save_testbed(export, out_dir, {**meta, "steps_done": step, "loss_ema": ema})
                 transformer.train()
     transformer.eval()
     minutes = (time.time() - start) / 60
-    gate = evaluate_gate(pipe, eval_hr, eval_lr, steps=cfg.eval_steps, seed=cfg.seed)
+    gate = evaluate_gate(export, eval_hr, eval_lr, steps=cfg.eval_steps, seed=cfg.seed)
     gate["passes"] = gate["psnr_sr"] > gate["psnr_bicubic"]
     meta.update(steps_done=step, loss_ema=ema, train_minutes=minutes, gate=gate)
-    save_testbed(pipe, out_dir, meta)
+    save_testbed(export, out_dir, meta)
     logger.info("SR testbed: %d steps in %.1f min, loss %.4f; held-out PSNR SR %.2f dB vs bicubic %.2f dB",
                 step, minutes, ema, gate["psnr_sr"], gate["psnr_bicubic"])
     return meta

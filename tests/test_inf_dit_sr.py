@@ -13,13 +13,6 @@ from hicache.models.inf_dit.sr_testbed import (SRTestbedConfig, TrainConfig, dow
 TOY = SRTestbedConfig(num_layers=1, hidden_size=32, num_attention_heads=2, encoder_width=16, vector_dim=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy sizes: one thread is faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,12 @@ from tqdm import tqdm
 import hicache
 
 
-def build_transformer(seed: int = 0) -> FluxTransformer2DModel:
+def build_transformer(seed: int = 0, heads: int = 4, double: int = 4, single: int = 10) -> FluxTransformer2DModel:
+    """FLUX's architecture at 64-dim heads; the defaults give 19.8M parameters at width 256."""
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=4, num_single_layers=10, attention_head_dim=64,
-        num_attention_heads=4, joint_attention_dim=128, pooled_projection_dim=128, axes_dims_rope=(16, 24, 24),
+        patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=64,
+        num_attention_heads=heads, joint_attention_dim=128, pooled_projection_dim=128, axes_dims_rope=(16, 24, 24),
     ).eval()
 
 
@@ -76,13 +77,17 @@ def main() -> None:
     parser.add_argument("--intervals", type=int, nargs="+", default=[5, 6, 7, 9])
     parser.add_argument("--orders", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--heads", type=int, default=4, help="width = 64 x heads")
+    parser.add_argument("--double", type=int, default=4, help="double-stream blocks")
+    parser.add_argument("--single", type=int, default=10, help="single-stream blocks")
+    parser.add_argument("--no-diffusers", action="store_true", help="skip diffusers' TaylorSeer rows")
     parser.add_argument("--quick", action="store_true", help="hicache only, N=7, O=2")
     args = parser.parse_args()
 
-    model = build_transformer()
+    model = build_transformer(heads=args.heads, double=args.double, single=args.single)
     inputs = make_inputs(args.tokens)
     params = sum(p.numel() for p in model.parameters())
-    print(f"FLUX transformer: {params / 1e6:.1f}M parameters, {args.tokens} image tokens, {args.steps} steps, "
+    print(f"FLUX transformer: {params / 1e6:.1f}M parameters, width {64 * args.heads}, {args.tokens} image tokens, {args.steps} steps, "
           f"{torch.get_num_threads()} threads")
 
     runs: list[tuple[str, object]] = []
@@ -91,7 +96,7 @@ def main() -> None:
         for n in ([7] if args.quick else args.intervals):
             for order in ([0] if method == "fora" else [2] if args.quick else args.orders):
                 runs.append((method, hicache.CacheConfig(method, interval=n, warmup=args.warmup, order=order)))
-    if not args.quick:
+    if not (args.quick or args.no_diffusers):
         runs.append(("diffusers taylorseer", TaylorSeerCacheConfig()))
         runs.append(("diffusers taylorseer lite", TaylorSeerCacheConfig(use_lite_mode=True)))
 

@@ -171,8 +171,11 @@ class DifferenceHistory:
             raise RuntimeError("cannot forecast before any full step was recorded")
         k = step - self.last_step
         weights = coefficients(self.method, k, len(self.factors), self.current_sigma)
-        out = self.factors[0].clone()
-        for w, factor in zip(weights[1:], self.factors[1:]):
-            if w != 0.0:
-                out.add_(factor, alpha=w)
+        terms = [(w, f) for w, f in zip(weights[1:], self.factors[1:]) if w != 0.0]
+        if not terms:  # a fresh tensor, never the stored D0 itself: callers may write into it
+            return self.factors[0].to(self.output_dtype, copy=True)
+        (w, factor), rest = terms[0], terms[1:]
+        out = torch.add(self.factors[0], factor, alpha=w)  # the first term allocates: no separate copy of D0
+        for w, factor in rest:
+            out.add_(factor, alpha=w)
         return out.to(self.output_dtype)

@@ -42,7 +42,7 @@ def test_recipe_hooks_the_block_compute_and_nothing_else(transformer):
             + [f"single_transformer_blocks.{i}.proj_out" for i in range(2)]
         )
         assert sorted(handle.skip_hooks) == sorted(
-            f"single_transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn", "proj_mlp")
+            f"single_transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn", "proj_mlp", "act_mlp")
         )
         assert not any(n.startswith(("context_embedder", "time_text_embed", "norm_out", "proj_out", "x_embedder"))
                        for n in (*handle.forecast_hooks, *handle.skip_hooks))
@@ -149,7 +149,7 @@ def test_single_block_proj_out_is_pre_gate_and_pre_residual(transformer):
 
 
 def test_single_block_skipped_modules_only_feed_proj_out(transformer):
-    """With proj_out's output fixed, zeroing the skipped attention and proj_mlp changes nothing."""
+    """With proj_out's output fixed, zeroing the skipped attention, proj_mlp and act_mlp changes nothing."""
     block = transformer.single_transformer_blocks[1]
     captured = {}
     h = block.register_forward_pre_hook(lambda _m, a: captured.setdefault("args", a))
@@ -159,7 +159,7 @@ def test_single_block_skipped_modules_only_feed_proj_out(transformer):
     args = captured["args"]
     fixed = {}
     out_ref = _block_io(block, block.proj_out, args, lambda o: fixed.setdefault("o", o))
-    hooks = [m.register_forward_hook(lambda _m, _i, o: _zeros(o)) for m in (block.attn, block.proj_mlp)]
+    hooks = [m.register_forward_hook(lambda _m, _i, o: _zeros(o)) for m in (block.attn, block.proj_mlp, block.act_mlp)]
     try:
         out = _block_io(block, block.proj_out, args, lambda o: fixed["o"])
     finally:

@@ -16,21 +16,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..trajectories import collect_runs
 from .errors import SetupError
-from .pipelines import load_pipeline, resolve_device, resolve_dtype
+from .pipelines import load_pipeline, model_cpu_threads, resolve_device, resolve_dtype
 from .prompts import load_prompts
 
 logger = logging.getLogger(__name__)
 
 
 def run_collect(cfg: DictConfig) -> dict:
-    """One collection job; ``model.cpu_threads`` caps torch's CPU threads as in the caching runs."""
-    threads = torch.get_num_threads()
-    if cfg.model.get("cpu_threads") and resolve_device(cfg.model.get("device")).type == "cpu":
-        torch.set_num_threads(int(cfg.model.cpu_threads))
-    try:
+    """One collection job, under ``model.cpu_threads`` as the caching runs."""
+    with model_cpu_threads(cfg.model):
         return _collect(cfg)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _collect(cfg: DictConfig) -> dict:

@@ -24,7 +24,7 @@ from .caching import attach
 from .loggers import build_logger
 from .metrics import Metric, build_metrics
 from .outputs import OutputKind, output_kind
-from .pipelines import load_pipeline, resolve_device
+from .pipelines import load_pipeline, model_cpu_threads, resolve_device
 from .prompts import Prompt, load_prompts
 from .references import ReferenceStore, digest, read_json, write_json_atomic
 from .results import RunDir
@@ -138,15 +138,9 @@ def summarize(cfg: DictConfig, records: list[dict], metric_names: list[str], una
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """One job; ``model.cpu_threads`` caps torch's CPU threads for its duration (small models: the
-    threads' synchronisation costs more than it saves, badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    if cfg.model.get("cpu_threads") and resolve_device(cfg.model.get("device")).type == "cpu":
-        torch.set_num_threads(int(cfg.model.cpu_threads))
-    try:
+    """One job, under ``model.cpu_threads`` (see `model_cpu_threads`)."""
+    with model_cpu_threads(cfg.model):
         return _run(cfg)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: DictConfig) -> dict[str, Any]:

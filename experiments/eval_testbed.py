@@ -17,10 +17,10 @@ import time
 
 import numpy as np
 import torch
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm import tqdm
 
 import hicache
+from hicache.app.metrics.fidelity import psnr, ssim
 from hicache.testbed import PIPELINE_CALL_KWARGS, ShapesDataset, accuracy, check, heldout_captions, load_pipeline
 from hicache.testbed.train import reconstruction_psnr
 
@@ -45,12 +45,8 @@ def generate(pipe, captions: list[str], steps: int, seed: int, batch: int, desc:
 
 
 def fidelity(images, references) -> tuple[float, float]:
-    psnr, ssim = [], []
-    for im, ref in zip(images, references):
-        a, b = np.asarray(im), np.asarray(ref)
-        psnr.append(peak_signal_noise_ratio(b, a, data_range=255) if not np.array_equal(a, b) else float("inf"))
-        ssim.append(structural_similarity(b, a, channel_axis=-1, data_range=255))
-    return float(np.mean(psnr)), float(np.mean(ssim))
+    return (float(np.mean([psnr(im, ref) for im, ref in zip(images, references)])),
+            float(np.mean([ssim(im, ref) for im, ref in zip(images, references)])))
 
 
 def main() -> None:

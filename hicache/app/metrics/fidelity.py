@@ -14,6 +14,9 @@ from . import Metric, register_metric
 
 
 def as_uint8(image) -> np.ndarray:
+    """An (H, W, 3) uint8 array from a PIL image or an array already in that form."""
+    if isinstance(image, np.ndarray):
+        return image.astype(np.uint8, copy=False)
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 

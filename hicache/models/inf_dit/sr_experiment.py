@@ -104,17 +104,14 @@ def resolve_variants(spec: dict, steps: int) -> list[Variant]:
 
 def sr_metrics(lpips_model=None):
     """Score functions on (3, H, W) [0, 1] tensors."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    from hicache.app.metrics.fidelity import psnr, ssim
 
     def as_uint8(x):
         return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
     def scores(out, ref, prefix):
         a, b = as_uint8(out), as_uint8(ref)
-        result = {f"psnr_{prefix}": float("inf") if np.array_equal(a, b)
-                  else float(peak_signal_noise_ratio(b, a, data_range=255)),
-                  f"ssim_{prefix}": float(structural_similarity(b, a, data_range=255, channel_axis=2,
-                                                                win_size=min(7, *a.shape[:2]) // 2 * 2 - 1 or 1))}
+        result = {f"psnr_{prefix}": psnr(a, b), f"ssim_{prefix}": ssim(a, b)}
         if lpips_model is not None:
             with torch.no_grad():
                 result[f"lpips_{prefix}"] = float(lpips_model(out[None] * 2 - 1, ref[None] * 2 - 1).item())

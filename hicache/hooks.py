@@ -8,7 +8,7 @@ Three hooks, one concern each, all on diffusers' own `HookRegistry`:
 - `ForecastHook` on a forecast module records its output at full steps and returns the forecast
   at cached steps without calling the module.
 - `SkipHook` on a skipped module runs it at full steps and returns zeros of the recorded shape at
-  cached steps.
+  cached steps (a read-only broadcast view, so standing in costs nothing).
 
 State is per cache context ("cond", "uncond", ...) through `StateManager`, so classifier-free
 guidance branches never mix, and pipelines reset it at the end of every call
@@ -129,7 +129,11 @@ class SkipState(BaseState):
     def zeros(self, module_name: str) -> Any:
         if self.specs is None:
             raise RuntimeError(f"hicache: skipped module {module_name!r} never ran at a full step")
-        outputs = tuple(None if s is None else torch.zeros(s[0], dtype=s[1], device=s[2]) for s in self.specs)
+        # a broadcast view of one zero: nothing to allocate or fill at every cached step, and a
+        # consumer that writes into it in place fails loudly instead of corrupting other steps
+        outputs = tuple(
+            None if s is None else torch.zeros((), dtype=s[1], device=s[2]).expand(s[0]) for s in self.specs
+        )
         return outputs[0] if self.is_tensor else outputs
 
 

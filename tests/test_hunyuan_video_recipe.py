@@ -42,7 +42,9 @@ def test_recipe_hooks_the_block_compute_and_nothing_else(transformer):
             + [f"single_transformer_blocks.{i}.proj_out" for i in range(2)]
         )
         assert sorted(handle.skip_hooks) == sorted(
-            f"single_transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn", "proj_mlp", "act_mlp")
+            [f"single_transformer_blocks.{i}.{m}" for i in range(2) for m in ("norm.norm", "attn", "proj_mlp", "act_mlp")]
+            + [f"transformer_blocks.{i}.{m}" for i in range(2)
+               for m in ("norm1.norm", "norm1_context.norm", "norm2", "norm2_context")]
         )
         assert not any(n.startswith(("context_embedder", "time_text_embed", "norm_out", "proj_out", "x_embedder"))
                        for n in (*handle.forecast_hooks, *handle.skip_hooks))

@@ -1,0 +1,113 @@
+"""A recipe may only skip modules whose outputs are dead at cached steps.
+
+A skipped module stands in with zeros at cached steps; that is only exact if nothing but forecast
+or other skipped modules reads its output. So: run the cached model twice, once with the zeros and
+once with random stand-ins for every skipped module. Dead outputs leave the result bit-identical;
+a live one (the negative case) changes it.
+"""
+
+import pytest
+import torch
+
+import hicache
+from hicache import hooks
+from hicache.tiny import tiny_flux_transformer
+from hicache.tiny_video import tiny_hunyuan_video_transformer
+
+STEPS = 6
+CONFIG = hicache.CacheConfig("hicache", interval=3, warmup=2, order=2)
+
+
+def _flux():
+    model = tiny_flux_transformer(num_layers=2, num_single_layers=2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1).reshape(-1, 2)
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 16, generator=g),
+        encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+        pooled_projections=torch.randn(1, 32, generator=g),
+        img_ids=torch.cat([torch.zeros(16, 1), ids.float()], 1),
+        txt_ids=torch.zeros(5, 3),
+    )
+    return model, inputs, "flux"
+
+
+def _hunyuan(**overrides):
+    model = tiny_hunyuan_video_transformer(num_layers=2, num_single_layers=2, **overrides)
+    g = torch.Generator().manual_seed(0)
+    frames = 3 if overrides else 2
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, frames, 4, 4, generator=g),
+        encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+        encoder_attention_mask=torch.ones(1, 5),
+        pooled_projections=torch.randn(1, 8, generator=g),
+        guidance=torch.tensor([6000.0]),
+    )
+    return model, inputs, "hunyuan_video"
+
+
+MODELS = {
+    "flux": _flux,
+    "hunyuan_video": _hunyuan,
+    "hunyuan_video_i2v": lambda: _hunyuan(image_condition_type="token_replace"),
+}
+
+
+@torch.no_grad()
+def _sample(model, inputs, recipe) -> torch.Tensor:
+    """A short Euler loop with the cache applied; returns the final sample."""
+    hicache.apply_cache(model, CONFIG, recipe)
+    try:
+        x = inputs["hidden_states"].clone()
+        for i in range(STEPS):
+            t = torch.tensor([1.0 - i / STEPS])
+            with hicache.cache_context(model, "cond"):
+                v = model(**{**inputs, "hidden_states": x}, timestep=t * 1000 if recipe == "hunyuan_video" else t,
+                          return_dict=False)[0]
+            x = x - v / STEPS
+        return x
+    finally:
+        hicache.remove_cache(model)
+
+
+def _random_stand_ins(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+
+    def noisy(self, module_name):
+        out = tuple(None if s is None else torch.randn(s[0], generator=g).to(s[1]) for s in self.specs)
+        return out[0] if self.is_tensor else out
+
+    monkeypatch.setattr(hooks.SkipState, "zeros", noisy)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_skipped_outputs_are_dead_at_cached_steps(name, monkeypatch):
+    model, inputs, recipe = MODELS[name]()
+    with_zeros = _sample(model, inputs, recipe)
+    _random_stand_ins(monkeypatch)
+    with_noise = _sample(model, inputs, recipe)
+    torch.testing.assert_close(with_noise, with_zeros, rtol=0, atol=0)
+
+
+def test_a_live_skipped_output_changes_the_result(monkeypatch):
+    """The check above can fail: skipping the final norm, whose output is the model's, is caught."""
+    model, inputs, recipe = _flux()
+    live = hicache.Recipe(
+        forecast=hicache.get_recipe(recipe).forecast,
+        skip=(*hicache.get_recipe(recipe).skip, r"norm_out\.norm"),
+        name="live",
+    )
+    with_zeros = _sample(model, inputs, live)
+    _random_stand_ins(monkeypatch)
+    with_noise = _sample(model, inputs, live)
+    assert not torch.equal(with_noise, with_zeros)
+
+
+def test_skipped_stand_ins_are_read_only_views():
+    """No allocation per cached step, and an in-place write into a stand-in fails loudly."""
+    state = hooks.SkipState()
+    state.update(torch.ones(2, 3), "m")
+    zeros = state.zeros("m")
+    assert zeros.shape == (2, 3) and not zeros.any() and zeros.stride() == (0, 0)
+    with pytest.raises(RuntimeError):
+        zeros.add_(1)

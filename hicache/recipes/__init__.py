@@ -77,7 +77,7 @@ def double_single_stream(name: str) -> Recipe:
     ``norm1_context.norm``, ``norm2``, ``norm2_context``, single ``norm.norm``): their outputs only
     feed those modules, while the modulation linears beside them, whose shifts, scales and gates
     the cached step needs, still run. That is the paper's cached step (the official code computes
-    only the modulation, gates and residual adds), and it saves a sixth of a cached step here.
+    only the modulation, gates and residual adds).
 
     Patterns are full matches from the top-level block lists, so nested blocks with the same leaf
     names (HunyuanVideo's token refiner) never match.

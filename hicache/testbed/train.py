@@ -40,10 +40,12 @@ def images_to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
-def _cosine_lr(step: int, total: int, warmup: int) -> float:
+def _cosine_lr(step: int, total: int, warmup: int, time_progress: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay over the larger of step and wall-clock progress, so a run
+    stopped by its time limit still ends at a low learning rate."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = max((step - warmup) / max(1, total - warmup), time_progress)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -70,8 +72,9 @@ class TransformerStageConfig:
     pool_size: int = 16384
     train_text_encoders: bool = True
     grad_clip: float = 1.0
+    caption_dropout: float = 0.0  # fraction of captions replaced by the empty prompt (for true CFG at inference)
     log_every: int = 20
-    time_limit_minutes: float | None = None  # safety stop on a shared machine (breaks exact reproducibility)
+    time_limit_minutes: float | None = None  # safety stop on a shared machine; the LR decays by time too (not step-exact then)
 
 
 def train_vae(vae, data: ShapesDataset, cfg: VAEStageConfig, log: Logger, start_index: int = 0) -> dict[str, float]:
@@ -182,14 +185,24 @@ def train_transformer(pipe, data: ShapesDataset, cfg: TransformerStageConfig, lo
             groups.append({"params": list(enc.parameters()), "lr": cfg.text_lr})
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.steps, cfg.warmup_steps))
+    start = time.perf_counter()
+
+    def time_progress() -> float:
+        if cfg.time_limit_minutes is None:
+            return 0.0
+        return (time.perf_counter() - start) / (60 * cfg.time_limit_minutes)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.steps, cfg.warmup_steps, time_progress()))
     generator = torch.Generator().manual_seed(int(data.seed) * 7919 + 17)
+    empty_ids = tokenize(pipe.tokenizer, [""])  # the unconditional prompt of classifier-free guidance
     stats: dict[str, float] = {}
     bar = tqdm(range(cfg.steps), desc="transformer", mininterval=5)
-    start = time.perf_counter()
     for step in bar:
         batch = torch.randint(0, latents.shape[0], (cfg.batch_size,), generator=generator)
         x0, ids = latents[batch], token_ids[batch]
+        if cfg.caption_dropout > 0:
+            dropped = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
+            ids = torch.where(dropped[:, None], empty_ids, ids)
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.sigmoid(torch.randn(cfg.batch_size, generator=generator))  # logit-normal, as SD3/FLUX
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
@@ -229,7 +242,10 @@ def generate(pipe, captions: list[str], num_inference_steps: int = 50, seed: int
     images = []
     for lo in range(0, len(captions), batch):
         gen = torch.Generator().manual_seed(seed + lo)
-        out = pipe(captions[lo : lo + batch], num_inference_steps=num_inference_steps, generator=gen, **kwargs)
+        prompts = captions[lo : lo + batch]
+        if kwargs.get("true_cfg_scale", 1.0) > 1:  # FluxPipeline's true CFG needs one negative prompt per prompt
+            kwargs["negative_prompt"] = [""] * len(prompts)
+        out = pipe(prompts, num_inference_steps=num_inference_steps, generator=gen, **kwargs)
         images.extend(out.images)
     return images
 
@@ -311,6 +327,11 @@ def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:
     (samples / "final_captions.txt").write_text("\n".join(eval_caps[: cfg.samples.num_captions]) + "\n")
     results["eval/checker_accuracy"] = checker_accuracy(images, eval_caps)
     log({"eval/checker_accuracy": results["eval/checker_accuracy"]}, tr_cfg.steps)
+    for scale in cfg.samples.get("cfg_scales") or []:  # true classifier-free guidance (caption dropout)
+        guided = generate(pipe, eval_caps, cfg.samples.num_inference_steps, seed=cfg.seed, true_cfg_scale=float(scale))
+        results[f"eval/checker_accuracy_cfg{scale:g}"] = checker_accuracy(guided, eval_caps)
+        save_grid(guided[: cfg.samples.num_captions], samples / f"final_cfg{scale:g}.png")
+    log({k: v for k, v in results.items() if k.startswith("eval/")}, tr_cfg.steps)
     pipe.save_pretrained(out_dir / "pipeline")
     results["total/minutes"] = (time.perf_counter() - t0) / 60
     logger.info("results: %s", {k: round(v, 4) for k, v in results.items()})

@@ -12,7 +12,7 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import CacheContext
 
 from .config import CacheConfig
-from .hooks import FORECAST_HOOK, HOOK_NAMES, SKIP_HOOK, STEP_HOOK, ForecastHook, SkipHook, StepHook, register
+from .hooks import FORECAST_HOOK, HOOK_NAMES, SKIP_HOOK, STEP_HOOK, ForecastHook, SkipHook, StepHook, ZeroPool, register
 from .recipes import Recipe, get_recipe
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ class CacheHandle:
     step_hook: StepHook | None = None
     forecast_hooks: dict[str, ForecastHook] = field(default_factory=dict)
     skip_hooks: dict[str, SkipHook] = field(default_factory=dict)
+    zero_pool: ZeroPool = field(default_factory=ZeroPool)
 
     def state_managers(self):
         if self.step_hook is not None:
@@ -100,7 +101,7 @@ def apply_cache(model: torch.nn.Module, config: CacheConfig, recipe: str | Recip
             handle.forecast_hooks[name] = ForecastHook(name, steps, config)
             register(modules[name], handle.forecast_hooks[name], FORECAST_HOOK)
         for name in skip:
-            handle.skip_hooks[name] = SkipHook(name, steps)
+            handle.skip_hooks[name] = SkipHook(name, steps, handle.zero_pool)
             register(modules[name], handle.skip_hooks[name], SKIP_HOOK)
         # Hooks on children stale the registry's cached child list that `cache_context` walks.
         HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
@@ -129,6 +130,7 @@ def reset_cache(model: torch.nn.Module) -> None:
         manager.reset()
     for hook in handle.forecast_hooks.values():
         hook._bytes.clear()
+    handle.zero_pool.clear()
 
 
 def cache_summary(model: torch.nn.Module, num_inference_steps: int | None = None) -> CacheSummary:
@@ -153,7 +155,7 @@ def cache_summary(model: torch.nn.Module, num_inference_steps: int | None = None
         ideal_speedup=speedup,
         forecast_modules=list(handle.forecast_hooks),
         skip_modules=list(handle.skip_hooks),
-        cache_bytes=sum(h.peak_bytes for h in handle.forecast_hooks.values()),
+        cache_bytes=sum(h.peak_bytes for h in handle.forecast_hooks.values()) + handle.zero_pool.nbytes,
         full_forwards=handle.step_hook.full_forwards if handle.step_hook else 0,
         cached_forwards=handle.step_hook.cached_forwards if handle.step_hook else 0,
     )

@@ -8,7 +8,7 @@ Three hooks, one concern each, all on diffusers' own `HookRegistry`:
 - `ForecastHook` on a forecast module records its output at full steps and returns the forecast
   at cached steps without calling the module.
 - `SkipHook` on a skipped module runs it at full steps and returns zeros of the recorded shape at
-  cached steps (a read-only broadcast view, so standing in costs nothing).
+  cached steps (from a `ZeroPool` shared by all skipped modules, so standing in costs nothing).
 
 State is per cache context ("cond", "uncond", ...) through `StateManager`, so classifier-free
 guidance branches never mix, and pipelines reset it at the end of every call
@@ -113,8 +113,46 @@ class ForecastState(BaseState):
         return sum(h.nbytes for h in self.histories or () if h is not None)
 
 
-class SkipState(BaseState):
+class ZeroPool:
+    """One dense zero tensor per (shape, dtype, device), shared by every skipped module of a model.
+
+    Skipped modules stand in with zeros at every cached step. Allocating and filling them each time
+    costs a tenth of a cached step on small models, and a broadcast view of one zero is no better:
+    `torch.cat`, their usual consumer, runs at half speed on it. So the zeros are made once, outside
+    inference mode (inference tensors keep no version counter), and reused; the version counter then
+    catches a consumer that wrote into them in place, which would corrupt every later stand-in.
+    """
+
     def __init__(self):
+        self._tensors: dict[tuple, tuple[torch.Tensor, int, set[str]]] = {}
+
+    def zeros(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, module_name: str) -> torch.Tensor:
+        key = (tuple(shape), dtype, device)
+        entry = self._tensors.get(key)
+        if entry is None:
+            with torch.inference_mode(False):
+                tensor = torch.zeros(shape, dtype=dtype, device=device)
+            entry = self._tensors[key] = (tensor, tensor._version, set())
+        tensor, version, users = entry
+        users.add(module_name)
+        if tensor._version != version:
+            raise RuntimeError(
+                f"hicache: the zeros standing in for skipped modules ({', '.join(map(repr, sorted(users)))}) were modified in "
+                "place by a consumer; a module whose output is written into cannot be skipped (forecast it instead)"
+            )
+        return tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t, _, _ in self._tensors.values())
+
+    def clear(self) -> None:
+        self._tensors.clear()
+
+
+class SkipState(BaseState):
+    def __init__(self, pool: ZeroPool | None = None):
+        self.pool = pool or ZeroPool()
         self.reset()
 
     def reset(self) -> None:
@@ -129,11 +167,7 @@ class SkipState(BaseState):
     def zeros(self, module_name: str) -> Any:
         if self.specs is None:
             raise RuntimeError(f"hicache: skipped module {module_name!r} never ran at a full step")
-        # a broadcast view of one zero: nothing to allocate or fill at every cached step, and a
-        # consumer that writes into it in place fails loudly instead of corrupting other steps
-        outputs = tuple(
-            None if s is None else torch.zeros((), dtype=s[1], device=s[2]).expand(s[0]) for s in self.specs
-        )
+        outputs = tuple(None if s is None else self.pool.zeros(*s, module_name) for s in self.specs)
         return outputs[0] if self.is_tensor else outputs
 
 
@@ -184,8 +218,8 @@ class ForecastHook(_CachedModuleHook):
 
 
 class SkipHook(_CachedModuleHook):
-    def __init__(self, module_name: str, steps: StateManager):
-        super().__init__(module_name, steps, StateManager(SkipState))
+    def __init__(self, module_name: str, steps: StateManager, pool: ZeroPool | None = None):
+        super().__init__(module_name, steps, StateManager(SkipState, init_args=(pool or ZeroPool(),)))
 
     def record(self, state: SkipState, output: Any, step: int) -> None:
         state.update(output, self.module_name)

@@ -61,8 +61,8 @@ def test_linear_trajectories_are_forecast_exactly_and_skipped_modules_return_zer
     summary = hicache.cache_summary(model, 10)
     assert summary.full_steps == full and summary.full_forwards == 4 and summary.cached_forwards == 6
     assert summary.forecast_modules == ["block.f", "block.g"] and summary.skip_modules == ["block.h"]
-    # order 1 in float32: f keeps D0, D1 (2 x 6 floats); g the same for each of its two outputs
-    assert summary.cache_bytes == 3 * 2 * 6 * 4
+    # order 1 in float32: f keeps D0, D1 (2 x 6 floats); g the same for each of its two outputs; plus h's zeros
+    assert summary.cache_bytes == 3 * 2 * 6 * 4 + 6 * 4
 
 
 def test_fora_reuses_the_last_full_output():

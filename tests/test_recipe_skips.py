@@ -103,11 +103,38 @@ def test_a_live_skipped_output_changes_the_result(monkeypatch):
     assert not torch.equal(with_noise, with_zeros)
 
 
-def test_skipped_stand_ins_are_read_only_views():
-    """No allocation per cached step, and an in-place write into a stand-in fails loudly."""
-    state = hooks.SkipState()
-    state.update(torch.ones(2, 3), "m")
-    zeros = state.zeros("m")
-    assert zeros.shape == (2, 3) and not zeros.any() and zeros.stride() == (0, 0)
-    with pytest.raises(RuntimeError):
-        zeros.add_(1)
+def test_skipped_modules_share_one_dense_zero_tensor_per_shape():
+    """No allocation or fill per cached step: every stand-in of a shape is the same dense zeros."""
+    pool = hooks.ZeroPool()
+    a, b = hooks.SkipState(pool), hooks.SkipState(pool)
+    a.update(torch.ones(2, 3), "a")
+    b.update((torch.ones(2, 3), torch.ones(4)), "b")
+    za, (zb, zc) = a.zeros("a"), b.zeros("b")
+    assert za is zb and za.is_contiguous() and not za.any() and zc.shape == (4,)
+    assert pool.nbytes == (6 + 4) * 4
+
+
+def test_a_consumer_writing_into_the_zeros_fails_loudly():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(3, 3)
+            self.out = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.inner(x)
+            h.mul_(2)  # in place: `inner` must not be skipped
+            return self.out(h)
+
+    model = Block()
+    hicache.apply_cache(model, hicache.CacheConfig("fora", interval=2, warmup=1),
+                        hicache.Recipe(forecast=["out"], skip=["inner"]))
+    try:
+        with hicache.cache_context(model, "cond"), torch.no_grad():
+            model(torch.ones(1, 3))  # full
+            model(torch.ones(1, 3))  # cached: the pool's zeros are written into
+            model(torch.ones(1, 3))  # full
+            with pytest.raises(RuntimeError, match="'inner'.*modified in place"):
+                model(torch.ones(1, 3))
+    finally:
+        hicache.remove_cache(model)

@@ -45,6 +45,7 @@ def test_recipe_hooks_the_block_compute_and_nothing_else(transformer):
             [f"single_transformer_blocks.{i}.{m}" for i in range(2) for m in ("norm.norm", "attn", "proj_mlp", "act_mlp")]
             + [f"transformer_blocks.{i}.{m}" for i in range(2)
                for m in ("norm1.norm", "norm1_context.norm", "norm2", "norm2_context")]
+            + ["rope"]
         )
         assert not any(n.startswith(("context_embedder", "time_text_embed", "norm_out", "proj_out", "x_embedder"))
                        for n in (*handle.forecast_hooks, *handle.skip_hooks))

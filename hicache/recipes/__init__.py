@@ -76,8 +76,9 @@ def double_single_stream(name: str) -> Recipe:
     The LayerNorms in front of the forecast and skipped modules are skipped too (``norm1.norm``,
     ``norm1_context.norm``, ``norm2``, ``norm2_context``, single ``norm.norm``): their outputs only
     feed those modules, while the modulation linears beside them, whose shifts, scales and gates
-    the cached step needs, still run. That is the paper's cached step (the official code computes
-    only the modulation, gates and residual adds).
+    the cached step needs, still run. So are the rotary position embeddings (FLUX ``pos_embed``,
+    HunyuanVideo ``rope``), which only the attention reads. That is the paper's cached step (the
+    official code computes only the modulation, gates and residual adds).
 
     Patterns are full matches from the top-level block lists, so nested blocks with the same leaf
     names (HunyuanVideo's token refiner) never match.
@@ -91,6 +92,7 @@ def double_single_stream(name: str) -> Recipe:
             r"single_transformer_blocks\.\d+\.proj_out",
         ),
         skip=(
+            r"pos_embed|rope",
             r"transformer_blocks\.\d+\.norm1\.norm",
             r"transformer_blocks\.\d+\.norm1_context\.norm",
             r"transformer_blocks\.\d+\.norm2",

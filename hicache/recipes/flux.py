@@ -3,7 +3,8 @@
 Double-stream blocks: the pre-gate attention outputs (``attn`` returns the image and text outputs
 as a tuple) and the pre-gate image and text MLP outputs are forecast. Single-stream blocks: the
 pre-gate ``proj_out`` output is forecast, and the attention and MLP input projection that only feed
-it are skipped, as are the LayerNorms in front of forecast modules. A cached step then runs only the
+it are skipped, as are the LayerNorms in front of forecast modules and the rotary embedding
+(``pos_embed``) that only attention reads. A cached step then runs only the
 embeddings, modulation, gates and residual adds.
 """
 

@@ -82,7 +82,10 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=10, help="single-stream blocks")
     parser.add_argument("--no-diffusers", action="store_true", help="skip diffusers' TaylorSeer rows")
     parser.add_argument("--quick", action="store_true", help="hicache only, N=7, O=2")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = build_transformer(heads=args.heads, double=args.double, single=args.single)
     inputs = make_inputs(args.tokens)
@@ -118,16 +121,19 @@ def main() -> None:
             full, mem = diffusers_full_steps(cfg, args.steps), float("nan")
             n, order = cfg.cache_interval, cfg.max_order
         speedup, ideal = base / seconds, args.steps / full
-        rows.append((label, n, order, full, seconds, speedup, ideal, speedup / ideal, base_cpu / cpu, mem))
+        # what a cached step costs, if a full step costs what it does uncached
+        cached_ms = 1000 * (seconds - full * base / args.steps) / max(1, args.steps - full)
+        rows.append((label, n, order, full, seconds, speedup, ideal, speedup / ideal, base_cpu / cpu, cached_ms, mem))
 
-    print(f"\nuncached: {base:.2f} s wall, {base_cpu:.2f} s CPU\n")
+    full_ms = 1000 * base / args.steps
+    print(f"\nuncached: {base:.2f} s wall ({full_ms:.1f} ms a step), {base_cpu:.2f} s CPU\n")
     print("| method | N | O | full steps | time (s) | speedup | ideal | speedup / ideal | CPU-time speedup / ideal "
-          "| cache memory (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for label, n, order, full, seconds, speedup, ideal, ratio, cpu_speedup, mem in rows:
+          "| cached step (ms) | cache memory (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, n, order, full, seconds, speedup, ideal, ratio, cpu_speedup, cached_ms, mem in rows:
         mem_txt = "n/a" if mem != mem else f"{mem / 2**20:.1f}"
         print(f"| {label} | {n} | {order} | {full} | {seconds:.2f} | {speedup:.2f}x | {ideal:.2f}x | {ratio:.2f} "
-              f"| {cpu_speedup / ideal:.2f} | {mem_txt} |")
+              f"| {cpu_speedup / ideal:.2f} | {cached_ms:.1f} | {mem_txt} |")
 
 
 if __name__ == "__main__":

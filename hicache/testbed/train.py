@@ -311,9 +311,15 @@ def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:
 
     def sample_grid(step: int) -> None:
         if cfg.samples.every and step > 0 and step % cfg.samples.every == 0:
+            modules = (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)
+            modes = [m.training for m in modules]
+            for m in modules:
+                m.eval()  # T5's dropout off while sampling
             images = generate(pipe, captions, cfg.samples.num_inference_steps, seed=cfg.seed)
+            for m, mode in zip(modules, modes):
+                m.train(mode)
             save_grid(images, samples / f"transformer_step{step:05d}.png")
-            pipe.transformer.train()
+            log({"samples/checker_accuracy": checker_accuracy(images, captions)}, step)  # a learning curve
 
     t1 = time.perf_counter()
     pool_start = 10 * vae_cfg.steps * vae_cfg.batch_size + 1_000_000  # disjoint from the VAE's stream

@@ -6,6 +6,7 @@ Diffusers' own TaylorSeer hook (default and lite mode) runs on the same model fo
 Prints a Markdown table; asserts nothing.
 
     python experiments/bench_cache.py                 # 50 steps, 1024 image tokens
+    python experiments/bench_cache.py --threads 1 --repeats 3   # steadier on a shared machine
     python experiments/bench_cache.py --steps 20 --tokens 256 --quick
 """
 
@@ -63,6 +64,13 @@ def sample(model: FluxTransformer2DModel, inputs: dict, steps: int) -> tuple[flo
     return elapsed, cpu
 
 
+def median_sample(model: FluxTransformer2DModel, inputs: dict, steps: int, repeats: int) -> tuple[float, float]:
+    """Median (wall, CPU) seconds over `repeats` runs: one slow run on a shared machine does not decide."""
+    runs = [sample(model, inputs, steps) for _ in range(repeats)]
+    walls, cpus = sorted(r[0] for r in runs), sorted(r[1] for r in runs)
+    return walls[len(walls) // 2], cpus[len(cpus) // 2]
+
+
 def diffusers_full_steps(cfg: TaylorSeerCacheConfig, steps: int) -> int:
     return sum(
         1 for s in range(steps)
@@ -83,6 +91,7 @@ def main() -> None:
     parser.add_argument("--no-diffusers", action="store_true", help="skip diffusers' TaylorSeer rows")
     parser.add_argument("--quick", action="store_true", help="hicache only, N=7, O=2")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; the median is reported")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,7 +100,7 @@ def main() -> None:
     inputs = make_inputs(args.tokens)
     params = sum(p.numel() for p in model.parameters())
     print(f"FLUX transformer: {params / 1e6:.1f}M parameters, width {64 * args.heads}, {args.tokens} image tokens, {args.steps} steps, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, median of {args.repeats} runs")
 
     runs: list[tuple[str, object]] = []
     methods = ["hicache"] if args.quick else ["fora", "taylorseer", "hicache"]
@@ -104,19 +113,19 @@ def main() -> None:
         runs.append(("diffusers taylorseer lite", TaylorSeerCacheConfig(use_lite_mode=True)))
 
     sample(model, inputs, 2)  # warm-up: allocator, threads
-    base, base_cpu = sample(model, inputs, args.steps)
+    base, base_cpu = median_sample(model, inputs, args.steps, args.repeats)
     rows = []
     for label, cfg in tqdm(runs, desc="configs"):
         if isinstance(cfg, hicache.CacheConfig):
             hicache.apply_cache(model, cfg, "flux")
-            seconds, cpu = sample(model, inputs, args.steps)
+            seconds, cpu = median_sample(model, inputs, args.steps, args.repeats)
             summary = hicache.cache_summary(model, args.steps)
             hicache.remove_cache(model)
             full, mem = len(summary.full_steps), summary.cache_bytes
             n, order = cfg.interval, ("-" if cfg.method == "fora" else cfg.order)
         else:
             model.enable_cache(cfg)
-            seconds, cpu = sample(model, inputs, args.steps)
+            seconds, cpu = median_sample(model, inputs, args.steps, args.repeats)
             model.disable_cache()
             full, mem = diffusers_full_steps(cfg, args.steps), float("nan")
             n, order = cfg.cache_interval, cfg.max_order

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_cache_smoke_run():
     proc = subprocess.run(
         [sys.executable, "experiments/bench_cache.py", "--steps", "6", "--tokens", "16", "--heads", "1",
-         "--double", "1", "--single", "1", "--intervals", "3", "--orders", "1", "--warmup", "1", "--threads", "1"],
+         "--double", "1", "--single", "1", "--intervals", "3", "--orders", "1", "--warmup", "1", "--threads", "1", "--repeats", "3"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,7 +6,7 @@ Diffusers' own TaylorSeer hook (default and lite mode) runs on the same model fo
 Prints a Markdown table; asserts nothing.
 
     python experiments/bench_cache.py                 # 50 steps, 1024 image tokens
-    python experiments/bench_cache.py --threads 1 --repeats 3   # steadier on a shared machine
+    python experiments/bench_cache.py --threads 1 --repeats 3   # median of 3 pairs: steadier on a shared machine
     python experiments/bench_cache.py --steps 20 --tokens 256 --quick
 """
 
@@ -64,13 +64,6 @@ def sample(model: FluxTransformer2DModel, inputs: dict, steps: int) -> tuple[flo
     return elapsed, cpu
 
 
-def median_sample(model: FluxTransformer2DModel, inputs: dict, steps: int, repeats: int) -> tuple[float, float]:
-    """Median (wall, CPU) seconds over `repeats` runs: one slow run on a shared machine does not decide."""
-    runs = [sample(model, inputs, steps) for _ in range(repeats)]
-    walls, cpus = sorted(r[0] for r in runs), sorted(r[1] for r in runs)
-    return walls[len(walls) // 2], cpus[len(cpus) // 2]
-
-
 def diffusers_full_steps(cfg: TaylorSeerCacheConfig, steps: int) -> int:
     return sum(
         1 for s in range(steps)
@@ -91,7 +84,7 @@ def main() -> None:
     parser.add_argument("--no-diffusers", action="store_true", help="skip diffusers' TaylorSeer rows")
     parser.add_argument("--quick", action="store_true", help="hicache only, N=7, O=2")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; the median is reported")
+    parser.add_argument("--repeats", type=int, default=1, help="(uncached, cached) pairs per configuration; the median pair is reported")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,7 +93,7 @@ def main() -> None:
     inputs = make_inputs(args.tokens)
     params = sum(p.numel() for p in model.parameters())
     print(f"FLUX transformer: {params / 1e6:.1f}M parameters, width {64 * args.heads}, {args.tokens} image tokens, {args.steps} steps, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} runs")
+          f"{torch.get_num_threads()} threads, median of {args.repeats} (uncached, cached) pairs")
 
     runs: list[tuple[str, object]] = []
     methods = ["hicache"] if args.quick else ["fora", "taylorseer", "hicache"]
@@ -113,37 +106,42 @@ def main() -> None:
         runs.append(("diffusers taylorseer lite", TaylorSeerCacheConfig(use_lite_mode=True)))
 
     sample(model, inputs, 2)  # warm-up: allocator, threads
-    base, base_cpu = median_sample(model, inputs, args.steps, args.repeats)
     rows = []
     for label, cfg in tqdm(runs, desc="configs"):
+        # each cached run is paired with an uncached run just before it, so a change in the machine's
+        # load between configurations does not bias the speedup; the median pair is reported
+        pairs = []
+        for _ in range(args.repeats):
+            base, base_cpu = sample(model, inputs, args.steps)
+            if isinstance(cfg, hicache.CacheConfig):
+                hicache.apply_cache(model, cfg, "flux")
+                seconds, cpu = sample(model, inputs, args.steps)
+                summary = hicache.cache_summary(model, args.steps)
+                hicache.remove_cache(model)
+                full, mem = len(summary.full_steps), summary.cache_bytes
+            else:
+                model.enable_cache(cfg)
+                seconds, cpu = sample(model, inputs, args.steps)
+                model.disable_cache()
+                full, mem = diffusers_full_steps(cfg, args.steps), float("nan")
+            pairs.append((base / seconds, base, seconds, base_cpu / cpu))
+        speedup, base, seconds, cpu_speedup = sorted(pairs)[len(pairs) // 2]
         if isinstance(cfg, hicache.CacheConfig):
-            hicache.apply_cache(model, cfg, "flux")
-            seconds, cpu = median_sample(model, inputs, args.steps, args.repeats)
-            summary = hicache.cache_summary(model, args.steps)
-            hicache.remove_cache(model)
-            full, mem = len(summary.full_steps), summary.cache_bytes
             n, order = cfg.interval, ("-" if cfg.method == "fora" else cfg.order)
         else:
-            model.enable_cache(cfg)
-            seconds, cpu = median_sample(model, inputs, args.steps, args.repeats)
-            model.disable_cache()
-            full, mem = diffusers_full_steps(cfg, args.steps), float("nan")
             n, order = cfg.cache_interval, cfg.max_order
-        speedup, ideal = base / seconds, args.steps / full
-        # what a cached step costs, if a full step costs what it does uncached
+        ideal = args.steps / full
+        # what a cached step costs, if a full step costs what it did in the paired uncached run
         cached_ms = 1000 * (seconds - full * base / args.steps) / max(1, args.steps - full)
-        rows.append((label, n, order, full, seconds, speedup, ideal, speedup / ideal, base_cpu / cpu, cached_ms, mem))
+        rows.append((label, n, order, full, base, seconds, speedup, ideal, cpu_speedup, cached_ms, mem))
 
-    full_ms = 1000 * base / args.steps
-    print(f"\nuncached: {base:.2f} s wall ({full_ms:.1f} ms a step), {base_cpu:.2f} s CPU\n")
-    print("| method | N | O | full steps | time (s) | speedup | ideal | speedup / ideal | CPU-time speedup / ideal "
-          "| cached step (ms) | cache memory (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, n, order, full, seconds, speedup, ideal, ratio, cpu_speedup, cached_ms, mem in rows:
+    print("\n| method | N | O | full steps | uncached (s) | cached (s) | speedup | ideal | speedup / ideal "
+          "| CPU-time speedup / ideal | cached step (ms) | cache memory (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, n, order, full, base, seconds, speedup, ideal, cpu_speedup, cached_ms, mem in rows:
         mem_txt = "n/a" if mem != mem else f"{mem / 2**20:.1f}"
-        print(f"| {label} | {n} | {order} | {full} | {seconds:.2f} | {speedup:.2f}x | {ideal:.2f}x | {ratio:.2f} "
-              f"| {cpu_speedup / ideal:.2f} | {cached_ms:.1f} | {mem_txt} |")
-
+        print(f"| {label} | {n} | {order} | {full} | {base:.2f} | {seconds:.2f} | {speedup:.2f}x | {ideal:.2f}x "
+              f"| {speedup / ideal:.2f} | {cpu_speedup / ideal:.2f} | {cached_ms:.1f} | {mem_txt} |")
 
 if __name__ == "__main__":
     main()

@@ -7,8 +7,10 @@ import torch
 
 from hicache.models.inf_dit.sr_experiment import (SRSetupError, load_hr_images, load_sr_pipeline, resolve_variants,
                                                   run_table)
-from hicache.models.inf_dit.sr_testbed import (SRTestbedConfig, TrainConfig, downscale, load_testbed, lr_factor, psnr,
-                                               random_crops, train, update_ema)
+from hicache.models.inf_dit.pipeline import edm_preconditioning
+from hicache.models.inf_dit.sr_testbed import (SRTestbedConfig, TrainConfig, blend_init_, blend_targets, build_testbed,
+                                               downscale, load_testbed, lr_factor, psnr, random_crops, train,
+                                               update_ema)
 
 TOY = SRTestbedConfig(num_layers=1, hidden_size=32, num_attention_heads=2, encoder_width=16, vector_dim=8)
 
@@ -88,3 +90,35 @@ def test_ema_follows_the_weights():
         ema.weight.zero_()
     update_ema(ema, model, decay=0.5, step=100)
     assert torch.allclose(ema.weight, 0.5 * model.weight)
+
+
+def test_blend_init_starts_as_the_wiener_blend_of_noisy_and_bicubic_input():
+    """The blend start: D(x; sigma) ~ w x + (1 - w) up, whatever sigma (a random start is nowhere near it)."""
+    cfg = SRTestbedConfig(num_layers=1, hidden_size=64, num_attention_heads=2, patch_size=2, image_block_size=16,
+                          image_size=32, vector_dim=8, encoder_width=16)
+    transformer = build_testbed(cfg).transformer
+    mse = 0.01
+    info = blend_init_(transformer, mse)
+    assert set(info) >= {"fit_rel_error_noisy", "fit_rel_error_lr"}
+    generator = torch.Generator().manual_seed(0)
+    hr = torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1
+    lr = torch.nn.functional.avg_pool2d(hr, 4)
+    up = torch.nn.functional.interpolate(lr, size=(32, 32), mode="bicubic", align_corners=False).clamp(-1, 1)
+    for s in (0.05, 0.5, 5.0):
+        sigma = torch.full((2,), s)
+        x = hr + s * torch.randn(hr.shape, generator=generator)
+        c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma)
+        with torch.no_grad():
+            out = transformer(torch.cat([x, up], 1) * c_in[0], c_noise, lr, torch.zeros(2, 8)).sample
+        denoised = c_skip[0] * x + c_out[0] * out
+        w = mse / (mse + s**2)
+        blend = w * x + (1 - w) * up
+        error = (denoised - blend).pow(2).mean().sqrt()
+        assert error < 0.2 * (blend - hr).pow(2).mean().sqrt(), s  # far closer to the blend than the blend to HR
+    coef_noisy, coef_lr = blend_targets(torch.tensor([1e-3, 40.0]), mse)
+    assert coef_lr[1] == pytest.approx(80.0, rel=0.01) and abs(coef_noisy[1]) < 0.02
+
+
+def test_blend_init_rejects_a_too_narrow_model():
+    with pytest.raises(ValueError, match="blend init needs hidden_size"):
+        blend_init_(build_testbed(TOY).transformer, 0.01)

@@ -143,5 +143,6 @@ def main() -> None:
         print(f"| {label} | {n} | {order} | {full} | {base:.2f} | {seconds:.2f} | {speedup:.2f}x | {ideal:.2f}x "
               f"| {speedup / ideal:.2f} | {cpu_speedup / ideal:.2f} | {cached_ms:.1f} | {mem_txt} |")
 
+
 if __name__ == "__main__":
     main()

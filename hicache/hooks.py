@@ -151,8 +151,8 @@ class ZeroPool:
 
 
 class SkipState(BaseState):
-    def __init__(self, pool: ZeroPool | None = None):
-        self.pool = pool or ZeroPool()
+    def __init__(self, pool: ZeroPool):
+        self.pool = pool
         self.reset()
 
     def reset(self) -> None:
@@ -218,8 +218,8 @@ class ForecastHook(_CachedModuleHook):
 
 
 class SkipHook(_CachedModuleHook):
-    def __init__(self, module_name: str, steps: StateManager, pool: ZeroPool | None = None):
-        super().__init__(module_name, steps, StateManager(SkipState, init_args=(pool or ZeroPool(),)))
+    def __init__(self, module_name: str, steps: StateManager, pool: ZeroPool):
+        super().__init__(module_name, steps, StateManager(SkipState, init_args=(pool,)))
 
     def record(self, state: SkipState, output: Any, step: int) -> None:
         state.update(output, self.module_name)

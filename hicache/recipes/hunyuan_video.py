@@ -7,9 +7,11 @@ Double-stream blocks: ``attn`` returns the video and text attention outputs as a
 ``to_out``/``to_add_out`` but before the ``gate_msa``/``c_gate_msa`` gates and the residual add, so
 the tuple is forecast as is; ``ff`` and ``ff_context`` are forecast before ``gate_mlp``/``c_gate_mlp``
 and the residual. Single-stream blocks: ``proj_out`` is forecast (the block multiplies its output by
-the gate and adds the residual afterwards), and the attention and ``proj_mlp`` that only feed it are
-skipped. The token refiner (``context_embedder``), the embeddings, the AdaLN modulations, the gates,
-the residual adds and the output norm/projection run at every step.
+the gate and adds the residual afterwards), and the attention, ``proj_mlp`` and ``act_mlp`` that only
+feed it are skipped, as are the LayerNorms in front of forecast modules and the rotary embedding
+(``rope``) that only attention reads (`double_single_stream`, shared with FLUX). The token refiner
+(``context_embedder``), the embeddings, the AdaLN modulation linears, the gates, the residual adds and
+the output norm/projection run at every step.
 
 The patterns are anchored on the top-level block lists, so the refiner's own ``attn``/``ff``
 (``context_embedder.token_refiner.refiner_blocks.*``) never match.

@@ -122,3 +122,9 @@ def test_blend_init_starts_as_the_wiener_blend_of_noisy_and_bicubic_input():
 def test_blend_init_rejects_a_too_narrow_model():
     with pytest.raises(ValueError, match="blend init needs hidden_size"):
         blend_init_(build_testbed(TOY).transformer, 0.01)
+
+
+def test_unknown_init_is_a_one_line_error(tmp_path):
+    with pytest.raises(ValueError, match="train.init must be 'random' or 'blend', got 'xavier'") as err:
+        train(TrainConfig(init="xavier"), tmp_path)
+    assert "\n" not in str(err.value)

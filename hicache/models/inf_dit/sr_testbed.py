@@ -340,6 +340,8 @@ def train(cfg: TrainConfig, out_dir: Path, log=None) -> dict:
     """Train the testbed; checkpoints to ``out_dir`` every ``save_every`` steps and at the end; returns the gate.
 
     With ``ema_decay`` > 0 the exported (and evaluated) weights are the EMA of the trained ones."""
+    if cfg.init not in ("random", "blend"):  # before minutes of data preparation
+        raise ValueError(f"train.init must be 'random' or 'blend', got {cfg.init!r}")
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     pipe = build_testbed(cfg.model, cfg.seed)
@@ -355,8 +357,6 @@ def train(cfg: TrainConfig, out_dir: Path, log=None) -> dict:
     if cfg.init == "blend":
         init_info = blend_init_(transformer, cfg.init_blend_sigma**2, cfg.init_anchor, cfg.seed)
         logger.info("blend init: %s", init_info)
-    elif cfg.init != "random":
-        raise ValueError(f"train.init must be 'random' or 'blend', got {cfg.init!r}")
     export = pipe
     if cfg.ema_decay > 0:
         ema_transformer = copy.deepcopy(transformer).eval().requires_grad_(False)

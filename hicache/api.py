@@ -18,6 +18,7 @@ from .recipes import Recipe, get_recipe
 logger = logging.getLogger(__name__)
 
 _HANDLE_ATTR = "_hicache_handle"
+_STAND_IN_SHAPE = {"skip": "full", "skip_empty": "empty", "skip_broadcast": "broadcast"}
 
 
 @dataclass
@@ -68,7 +69,7 @@ class CacheSummary:
 def apply_cache(model: torch.nn.Module, config: CacheConfig, recipe: str | Recipe = "flux") -> CacheHandle:
     """Attach the cache described by ``config`` to ``model`` (a diffusers transformer or any module).
 
-    ``recipe`` is a registered name ("flux", ...) or a `Recipe` of forecast/skip regexes. Calls of
+    ``recipe`` is a registered name ("flux", ...) or a `Recipe` of forecast and skip regexes. Calls of
     ``model`` must run inside a cache context: diffusers pipelines open one (``cache_context("cond")``);
     elsewhere use `hicache.cache_context(model, "cond")`.
     """
@@ -84,13 +85,13 @@ def apply_cache(model: torch.nn.Module, config: CacheConfig, recipe: str | Recip
     if config.method != "none":
         roles = {name: recipe.role(name) for name, _ in model.named_modules() if name}
         forecast = [n for n, r in roles.items() if r == "forecast"]
-        skip = [n for n, r in roles.items() if r == "skip"]
+        skip = [n for n, r in roles.items() if r is not None and r.startswith("skip")]
         if not forecast:
             raise ValueError(
                 f"recipe {recipe.name!r} matches no module of {type(model).__name__} "
                 f"(forecast patterns: {', '.join(recipe.forecast)})"
             )
-        for pattern in recipe.forecast + recipe.skip:
+        for pattern in recipe.patterns:
             if not any(re.fullmatch(pattern, n) for n in roles):
                 logger.warning("hicache: recipe %r pattern %r matches no module", recipe.name, pattern)
         modules = dict(model.named_modules())
@@ -101,7 +102,7 @@ def apply_cache(model: torch.nn.Module, config: CacheConfig, recipe: str | Recip
             handle.forecast_hooks[name] = ForecastHook(name, steps, config)
             register(modules[name], handle.forecast_hooks[name], FORECAST_HOOK)
         for name in skip:
-            handle.skip_hooks[name] = SkipHook(name, steps, handle.zero_pool)
+            handle.skip_hooks[name] = SkipHook(name, steps, handle.zero_pool, shape=_STAND_IN_SHAPE[roles[name]])
             register(modules[name], handle.skip_hooks[name], SKIP_HOOK)
         # Hooks on children stale the registry's cached child list that `cache_context` walks.
         HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()

@@ -8,7 +8,9 @@ Three hooks, one concern each, all on diffusers' own `HookRegistry`:
 - `ForecastHook` on a forecast module records its output at full steps and returns the forecast
   at cached steps without calling the module.
 - `SkipHook` on a skipped module runs it at full steps and returns zeros of the recorded shape at
-  cached steps (from a `ZeroPool` shared by all skipped modules, so standing in costs nothing).
+  cached steps (from a `ZeroPool` shared by all skipped modules, so standing in costs nothing), or
+  smaller zeros where the recipe says the consumers allow it: empty along the last dimension
+  (``skip_empty``) or a single element in every other dimension (``skip_broadcast``).
 
 State is per cache context ("cond", "uncond", ...) through `StateManager`, so classifier-free
 guidance branches never mix, and pipelines reset it at the end of every call
@@ -31,6 +33,9 @@ STEP_HOOK = "hicache_step"
 FORECAST_HOOK = "hicache_forecast"
 SKIP_HOOK = "hicache_skip"
 HOOK_NAMES = (STEP_HOOK, FORECAST_HOOK, SKIP_HOOK)
+# Stand-in shapes of skipped modules: the recorded shape; empty along the last dimension; one
+# element in every dimension but the last (see `hicache.recipes`).
+STAND_IN_SHAPES = ("full", "empty", "broadcast")
 
 
 class StepState(BaseState):
@@ -151,8 +156,11 @@ class ZeroPool:
 
 
 class SkipState(BaseState):
-    def __init__(self, pool: ZeroPool):
+    def __init__(self, pool: ZeroPool, shape: str = "full"):
+        if shape not in STAND_IN_SHAPES:
+            raise ValueError(f"stand-in shape must be one of {', '.join(STAND_IN_SHAPES)}, got {shape!r}")
         self.pool = pool
+        self.shape = shape
         self.reset()
 
     def reset(self) -> None:
@@ -161,8 +169,15 @@ class SkipState(BaseState):
 
     def update(self, output: Any, module_name: str) -> None:
         outputs = _as_tuple(output, module_name)
-        self.specs = [None if o is None else (o.shape, o.dtype, o.device) for o in outputs]
+        self.specs = [None if o is None else (self._stand_in_shape(o.shape), o.dtype, o.device) for o in outputs]
         self.is_tensor = isinstance(output, torch.Tensor)
+
+    def _stand_in_shape(self, shape: torch.Size) -> torch.Size:
+        if self.shape == "full" or len(shape) == 0:
+            return shape
+        if self.shape == "empty":
+            return shape[:-1] + (0,)
+        return torch.Size((1,) * (len(shape) - 1) + shape[-1:])
 
     def zeros(self, module_name: str) -> Any:
         if self.specs is None:
@@ -218,8 +233,8 @@ class ForecastHook(_CachedModuleHook):
 
 
 class SkipHook(_CachedModuleHook):
-    def __init__(self, module_name: str, steps: StateManager, pool: ZeroPool):
-        super().__init__(module_name, steps, StateManager(SkipState, init_args=(pool,)))
+    def __init__(self, module_name: str, steps: StateManager, pool: ZeroPool, shape: str = "full"):
+        super().__init__(module_name, steps, StateManager(SkipState, init_args=(pool, shape)))
 
     def record(self, state: SkipState, output: Any, step: int) -> None:
         state.update(output, self.module_name)

@@ -62,7 +62,7 @@ def _sample(model, inputs, recipe) -> torch.Tensor:
         for i in range(STEPS):
             t = torch.tensor([1.0 - i / STEPS])
             with hicache.cache_context(model, "cond"):
-                v = model(**{**inputs, "hidden_states": x}, timestep=t * 1000 if recipe == "hunyuan_video" else t,
+                v = model(**{**inputs, "hidden_states": x}, timestep=t * 1000 if "guidance" in inputs else t,
                           return_dict=False)[0]
             x = x - v / STEPS
         return x
@@ -138,3 +138,61 @@ def test_a_consumer_writing_into_the_zeros_fails_loudly():
                 model(torch.ones(1, 3))
     finally:
         hicache.remove_cache(model)
+
+
+def _dense(recipe: hicache.Recipe) -> hicache.Recipe:
+    """The same recipe with every skipped module standing in with zeros of its recorded shape."""
+    return hicache.Recipe(forecast=recipe.forecast, skip=recipe.skip + recipe.skip_empty + recipe.skip_broadcast,
+                          name=recipe.name)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_smaller_stand_ins_compute_what_full_size_zeros_compute(name):
+    """Empty (``skip_empty``) and one-token (``skip_broadcast``) stand-ins are only a saving."""
+    model, inputs, recipe = MODELS[name]()
+    registered = hicache.get_recipe(recipe)
+    assert registered.skip_empty and registered.skip_broadcast
+    small = _sample(model, inputs, recipe)
+    dense = _sample(model, inputs, _dense(registered))
+    torch.testing.assert_close(small, dense, rtol=0, atol=0)
+
+
+def test_stand_in_shapes():
+    pool = hooks.ZeroPool()
+    full, empty, broadcast = (hooks.SkipState(pool, shape) for shape in ("full", "empty", "broadcast"))
+    for state in (full, empty, broadcast):
+        state.update((torch.ones(2, 5, 3), torch.ones(4)), "m")
+    assert [z.shape for z in full.zeros("m")] == [(2, 5, 3), (4,)]
+    assert [z.shape for z in empty.zeros("m")] == [(2, 5, 0), (0,)]
+    assert [z.shape for z in broadcast.zeros("m")] == [(1, 1, 3), (4,)]
+    with pytest.raises(ValueError, match="stand-in shape"):
+        hooks.SkipState(pool, "tiny")
+
+
+def test_an_empty_stand_in_used_in_arithmetic_fails_instead_of_computing_wrong():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(3, 3)
+            self.out = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.out(x + self.inner(x))  # `inner` is live: not a concatenation feeding `out`
+
+    model = Block()
+    hicache.apply_cache(model, hicache.CacheConfig("fora", interval=2, warmup=1),
+                        hicache.Recipe(forecast=["out"], skip_empty=["inner"], name="wrong"))
+    try:
+        with hicache.cache_context(model, "cond"), torch.no_grad():
+            model(torch.ones(1, 3))  # full
+            with pytest.raises(RuntimeError, match="size of tensor"):
+                model(torch.ones(1, 3))  # cached: (1, 3) + (1, 0)
+    finally:
+        hicache.remove_cache(model)
+
+
+def test_a_module_may_have_only_one_role():
+    recipe = hicache.Recipe(forecast=[r"a"], skip_empty=[r"a|b"], name="clash")
+    assert recipe.role("b") == "skip_empty" and recipe.role("c") is None
+    with pytest.raises(ValueError, match="'a' matches both forecast and skip_empty"):
+        recipe.role("a")

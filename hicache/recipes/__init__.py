@@ -6,7 +6,19 @@ lists of regular expressions matched in full against `named_modules()` names:
 - ``forecast``: the module's output is recorded at full steps and forecast at cached steps
   (tensor or tuple-of-tensor outputs);
 - ``skip``: the module runs at full steps and returns zeros of the recorded shape at cached steps,
-  for modules whose result only feeds a forecast module (so their compute is simply avoided).
+  for modules whose result only feeds a forecast module (so their compute is simply avoided);
+- ``skip_empty``: skipped likewise, but the stand-in is empty along the last dimension. For modules
+  whose outputs reach forecast modules only through a concatenation along the last dimension (or
+  feed nothing but other skipped modules): concatenating full-size zeros there is itself a large
+  part of a cached step. A consumer that does arithmetic with the stand-in fails on its shape
+  instead of computing something wrong;
+- ``skip_broadcast``: skipped likewise, but the stand-in is zeros of shape ``(1, ..., 1, C)``. For
+  LayerNorms whose outputs are only scaled and shifted per channel (adaLN modulation) before
+  reaching forecast or skipped modules: modulating a full-size tensor of zeros costs as much as
+  the residual stream's own arithmetic.
+
+A module may have only one role. ``tests/test_recipe_skips.py`` checks every built-in recipe's
+skipped outputs are dead at cached steps, whatever stands in for them.
 """
 
 from __future__ import annotations
@@ -23,24 +35,37 @@ class Recipe:
     forecast: tuple[str, ...]
     skip: tuple[str, ...] = ()
     name: str = "custom"
+    skip_empty: tuple[str, ...] = ()
+    skip_broadcast: tuple[str, ...] = ()
 
-    def __init__(self, forecast: Iterable[str], skip: Iterable[str] = (), name: str = "custom"):
+    def __init__(self, forecast: Iterable[str], skip: Iterable[str] = (), name: str = "custom",
+                 skip_empty: Iterable[str] = (), skip_broadcast: Iterable[str] = ()):
         object.__setattr__(self, "forecast", tuple(forecast))
         object.__setattr__(self, "skip", tuple(skip))
         object.__setattr__(self, "name", name)
-        for pattern in self.forecast + self.skip:
+        object.__setattr__(self, "skip_empty", tuple(skip_empty))
+        object.__setattr__(self, "skip_broadcast", tuple(skip_broadcast))
+        for pattern in self.patterns:
             try:
                 re.compile(pattern)
             except re.error as err:
                 raise ValueError(f"recipe {name!r}: bad regex {pattern!r}: {err}") from None
 
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return self.forecast + self.skip + self.skip_empty + self.skip_broadcast
+
+    @property
+    def roles(self) -> dict[str, tuple[str, ...]]:
+        return {"forecast": self.forecast, "skip": self.skip, "skip_empty": self.skip_empty,
+                "skip_broadcast": self.skip_broadcast}
+
     def role(self, module_name: str) -> str | None:
-        """'forecast', 'skip' or None for a module name; a name matching both is an error."""
-        is_forecast = any(re.fullmatch(p, module_name) for p in self.forecast)
-        is_skip = any(re.fullmatch(p, module_name) for p in self.skip)
-        if is_forecast and is_skip:
-            raise ValueError(f"recipe {self.name!r}: module {module_name!r} matches both forecast and skip")
-        return "forecast" if is_forecast else "skip" if is_skip else None
+        """The role (a key of `roles`) of a module name, or None; matching two roles is an error."""
+        roles = [role for role, patterns in self.roles.items() if any(re.fullmatch(p, module_name) for p in patterns)]
+        if len(roles) > 1:
+            raise ValueError(f"recipe {self.name!r}: module {module_name!r} matches both {roles[0]} and {roles[1]}")
+        return roles[0] if roles else None
 
 
 _REGISTRY: dict[str, Recipe] = {}
@@ -75,10 +100,18 @@ def double_single_stream(name: str) -> Recipe:
 
     The LayerNorms in front of the forecast and skipped modules are skipped too (``norm1.norm``,
     ``norm1_context.norm``, ``norm2``, ``norm2_context``, single ``norm.norm``): their outputs only
-    feed those modules, while the modulation linears beside them, whose shifts, scales and gates
-    the cached step needs, still run. So are the rotary position embeddings (FLUX ``pos_embed``,
+    feed those modules, after the adaLN scale and shift, while the modulation linears beside them,
+    whose shifts, scales and gates the cached step needs, still run. They stand in with one token
+    of zeros (``skip_broadcast``), so that modulation costs nothing either; HunyuanVideo's
+    token-replace norms slice the tokens into first-frame and rest, which a single token survives. So are the rotary position embeddings (FLUX ``pos_embed``,
     HunyuanVideo ``rope``), which only the attention reads. That is the paper's cached step (the
     official code computes only the modulation, gates and residual adds).
+
+    In single-stream blocks ``attn``, ``proj_mlp`` and ``act_mlp`` stand in with *empty* tensors
+    (``skip_empty``): ``attn`` and ``act_mlp`` only reach ``proj_out`` through a concatenation along
+    the feature dimension (HunyuanVideo first concatenates the attention's video and text parts
+    along the tokens, which empty widths survive), and ``proj_mlp`` only feeds ``act_mlp``.
+    Concatenating full-size zeros there was half of a cached step.
 
     Patterns are full matches from the top-level block lists, so nested blocks with the same leaf
     names (HunyuanVideo's token refiner) never match.
@@ -91,13 +124,15 @@ def double_single_stream(name: str) -> Recipe:
             r"transformer_blocks\.\d+\.ff_context",
             r"single_transformer_blocks\.\d+\.proj_out",
         ),
-        skip=(
-            r"pos_embed|rope",
+        skip=(r"pos_embed|rope",),
+        skip_broadcast=(
             r"transformer_blocks\.\d+\.norm1\.norm",
             r"transformer_blocks\.\d+\.norm1_context\.norm",
             r"transformer_blocks\.\d+\.norm2",
             r"transformer_blocks\.\d+\.norm2_context",
             r"single_transformer_blocks\.\d+\.norm\.norm",
+        ),
+        skip_empty=(
             r"single_transformer_blocks\.\d+\.attn",
             r"single_transformer_blocks\.\d+\.proj_mlp",
             r"single_transformer_blocks\.\d+\.act_mlp",

@@ -159,7 +159,7 @@ class DifferenceHistory:
                 prev = self.factors[i]
                 if prev.shape != new[i].shape:
                     break  # the token count changed: start the expansion again from D0
-                new.append((new[i] - prev) / dt)
+                new.append(torch.sub(new[i], prev).div_(dt))  # one allocation, not two
         if self.method == "hicache_analytic" and len(new) > 1:
             self._ema = self.analytic.observe(self._ema, new[1])
         self.factors = new

@@ -114,30 +114,37 @@ def test_skipped_modules_share_one_dense_zero_tensor_per_shape():
     assert pool.nbytes == (6 + 4) * 4
 
 
-def test_a_consumer_writing_into_the_zeros_fails_loudly():
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = torch.nn.Linear(3, 3)
-            self.out = torch.nn.Linear(3, 3)
+class _Block(torch.nn.Module):
+    """``out(combine(x, inner(x)))``: whether ``inner`` may be skipped depends on ``combine``."""
 
-        def forward(self, x):
-            h = self.inner(x)
-            h.mul_(2)  # in place: `inner` must not be skipped
-            return self.out(h)
+    def __init__(self, combine):
+        super().__init__()
+        self.inner = torch.nn.Linear(3, 3)
+        self.out = torch.nn.Linear(3, 3)
+        self.combine = combine
 
-    model = Block()
-    hicache.apply_cache(model, hicache.CacheConfig("fora", interval=2, warmup=1),
-                        hicache.Recipe(forecast=["out"], skip=["inner"]))
+    def forward(self, x):
+        return self.out(self.combine(x, self.inner(x)))
+
+
+def _run_toy(combine, recipe: hicache.Recipe, calls: int, error: type, match: str) -> None:
+    """Alternate full and cached steps (interval 2); the last call must raise."""
+    model = _Block(combine)
+    hicache.apply_cache(model, hicache.CacheConfig("fora", interval=2, warmup=1), recipe)
     try:
         with hicache.cache_context(model, "cond"), torch.no_grad():
-            model(torch.ones(1, 3))  # full
-            model(torch.ones(1, 3))  # cached: the pool's zeros are written into
-            model(torch.ones(1, 3))  # full
-            with pytest.raises(RuntimeError, match="'inner'.*modified in place"):
+            for _ in range(calls - 1):
+                model(torch.ones(1, 3))
+            with pytest.raises(error, match=match):
                 model(torch.ones(1, 3))
     finally:
         hicache.remove_cache(model)
+
+
+def test_a_consumer_writing_into_the_zeros_fails_loudly():
+    # full, cached (the pool's zeros are written into: `inner` must not be skipped), full, cached: caught
+    _run_toy(lambda x, h: h.mul_(2), hicache.Recipe(forecast=["out"], skip=["inner"]), 4, RuntimeError,
+             "'inner'.*modified in place")
 
 
 def _dense(recipe: hicache.Recipe) -> hicache.Recipe:
@@ -170,25 +177,9 @@ def test_stand_in_shapes():
 
 
 def test_an_empty_stand_in_used_in_arithmetic_fails_instead_of_computing_wrong():
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = torch.nn.Linear(3, 3)
-            self.out = torch.nn.Linear(3, 3)
-
-        def forward(self, x):
-            return self.out(x + self.inner(x))  # `inner` is live: not a concatenation feeding `out`
-
-    model = Block()
-    hicache.apply_cache(model, hicache.CacheConfig("fora", interval=2, warmup=1),
-                        hicache.Recipe(forecast=["out"], skip_empty=["inner"], name="wrong"))
-    try:
-        with hicache.cache_context(model, "cond"), torch.no_grad():
-            model(torch.ones(1, 3))  # full
-            with pytest.raises(RuntimeError, match="size of tensor"):
-                model(torch.ones(1, 3))  # cached: (1, 3) + (1, 0)
-    finally:
-        hicache.remove_cache(model)
+    # full, then cached: (1, 3) + (1, 0) cannot broadcast, since `inner` is live, not concatenated
+    _run_toy(lambda x, h: x + h, hicache.Recipe(forecast=["out"], skip_empty=["inner"], name="wrong"), 2,
+             RuntimeError, "size of tensor")
 
 
 def test_a_module_may_have_only_one_role():

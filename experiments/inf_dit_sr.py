@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hicache.models.inf_dit.sr_experiment import (SRSetupError, load_hr_images, load_sr_pipeline, resolve_variants,
-                                                  run_table)
+                                                  run_table, testbed_data_source)
 
 logger = logging.getLogger(__name__)
 
@@ -19,8 +19,10 @@ def main(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))
     try:
         pipe = load_sr_pipeline(cfg.model.kind, cfg.model.path, cfg.model.dtype, cfg.model.device)
+        heldout = testbed_data_source(cfg.model.path) if cfg.model.kind == "testbed" else "photos"
         images = load_hr_images(cfg.data.source, cfg.data.n, cfg.data.folder, cfg.data.size,
-                                pipe.transformer.config.image_block_size)
+                                pipe.transformer.config.image_block_size, heldout)
+        logger.info("HR images: %d from %s", len(images), heldout if cfg.data.source == "heldout" else cfg.data.source)
         variants = resolve_variants(OmegaConf.to_container(cfg.variants), int(cfg.steps))
         rows = run_table(pipe, images, variants, int(cfg.seed), bool(cfg.metrics.lpips), Path(cfg.out_dir),
                          int(cfg.save_images))

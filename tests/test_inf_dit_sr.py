@@ -8,9 +8,9 @@ import torch
 from hicache.models.inf_dit.sr_experiment import (SRSetupError, load_hr_images, load_sr_pipeline, resolve_variants,
                                                   run_table)
 from hicache.models.inf_dit.pipeline import edm_preconditioning
+from hicache.models.inf_dit.sr_data import downscale, random_crops
 from hicache.models.inf_dit.sr_testbed import (SRTestbedConfig, TrainConfig, blend_init_, blend_targets, build_testbed,
-                                               downscale, load_testbed, lr_factor, psnr, random_crops, train,
-                                               update_ema)
+                                               load_testbed, lr_factor, psnr, train, update_ema)
 
 TOY = SRTestbedConfig(num_layers=1, hidden_size=32, num_attention_heads=2, encoder_width=16, vector_dim=8)
 

@@ -1,6 +1,7 @@
 """The paper's super-resolution table on Inf-DiT: cache variants vs the full 20-step sampler.
 
-For each HR image (a folder, or held-out crops for the SR testbed) the LR input is its x4
+For each HR image (a folder, or the SR testbed's held-out images: by default the held-out set of the data
+source the testbed was trained on, as recorded in its testbed.json) the LR input is its x4
 antialiased-bicubic downscale. Every variant super-resolves every image with the same seed; the
 scores are PSNR / SSIM (scikit-image) and optionally LPIPS against the HR image and against the
 full (uncached, 20-step) output, transformer FLOPs (`FlopCounterMode`) and wall-clock latency,
@@ -23,7 +24,8 @@ from tqdm.auto import tqdm
 import hicache
 
 from .checkpoint import RELEASED_WEIGHTS_HINT
-from .sr_testbed import downscale, heldout_pairs, load_testbed
+from .sr_data import SOURCES, downscale, heldout_pairs
+from .sr_testbed import load_testbed
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +58,23 @@ def load_sr_pipeline(kind: str, path: str, dtype: str = "float32", device: str =
     return pipe.to(device)
 
 
-def load_hr_images(source: str, n: int | None, folder: str | None, size: int, multiple: int) -> list[torch.Tensor]:
-    """HR images (3, H, W) in [0, 1]: held-out testbed crops, or a folder centre-cropped to ``multiple``."""
+def testbed_data_source(path: str) -> str:
+    """The data source a testbed folder was trained on (testbeds from before the option: photos)."""
+    meta = Path(path) / "testbed.json"
+    return json.loads(meta.read_text()).get("data", {}).get("source", "photos") if meta.is_file() else "photos"
+
+
+def load_hr_images(source: str, n: int | None, folder: str | None, size: int, multiple: int,
+                   heldout_source: str = "photos") -> list[torch.Tensor]:
+    """HR images (3, H, W) in [0, 1]: ``heldout`` = the held-out set of ``heldout_source`` (the testbed's own),
+    or a named source's held-out set (procedural | photos | mixed), or a folder centre-cropped to ``multiple``."""
     if source == "heldout":
-        hr, _ = heldout_pairs(n or 16, size)
+        source = heldout_source
+    if source in SOURCES:
+        hr, _ = heldout_pairs(n or 16, size, source)
         return list(hr)
     if source != "folder":
-        raise SRSetupError(f"data.source must be 'heldout' or 'folder', got {source!r}")
+        raise SRSetupError(f"data.source must be heldout, folder or one of {', '.join(SOURCES)}, got {source!r}")
     from PIL import Image
 
     files = sorted(f for f in Path(folder or "").glob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))

@@ -13,6 +13,7 @@ Prints a Markdown table; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -47,28 +48,35 @@ def make_inputs(tokens: int, text_tokens: int = 64, seed: int = 0) -> dict:
 
 
 @torch.inference_mode()
-def sample(model: FluxTransformer2DModel, inputs: dict, steps: int) -> tuple[float, float]:
+def sample(model: FluxTransformer2DModel, inputs: dict, steps: int) -> tuple[float, float, list[float]]:
     """A flow-matching Euler loop, as FluxPipeline drives the transformer.
 
-    Returns (wall-clock seconds, process CPU seconds): on a shared machine the CPU time is the
-    steadier of the two, since other processes' load stretches wall-clock time unevenly."""
+    Returns (wall-clock seconds, process CPU seconds, per-step seconds): on a shared machine the CPU
+    time is the steadier total, and the per-step times show what a full and a cached step cost."""
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
     x = inputs["hidden_states"].clone()
+    step_times = []
     start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(steps):
+        t = time.perf_counter()
         with model.cache_context("cond"):
             v = model(**{**inputs, "hidden_states": x}, timestep=sigmas[i : i + 1]).sample
         x = x + (sigmas[i + 1] - sigmas[i]) * v
+        step_times.append(time.perf_counter() - t)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     model._reset_stateful_cache()
-    return elapsed, cpu
+    return elapsed, cpu, step_times
 
 
-def diffusers_full_steps(cfg: TaylorSeerCacheConfig, steps: int) -> int:
-    return sum(
-        1 for s in range(steps)
+def diffusers_full_steps(cfg: TaylorSeerCacheConfig, steps: int) -> list[int]:
+    return [
+        s for s in range(steps)
         if s < cfg.disable_cache_before_step or (s - cfg.disable_cache_before_step - 1) % cfg.cache_interval == 0
-    )
+    ]
+
+
+def median_ms(times: list[float]) -> float:
+    return 1000 * statistics.median(times) if times else float("nan")
 
 
 def main() -> None:
@@ -112,36 +120,41 @@ def main() -> None:
         # load between configurations does not bias the speedup; the median pair is reported
         pairs = []
         for _ in range(args.repeats):
-            base, base_cpu = sample(model, inputs, args.steps)
+            base, base_cpu, base_steps = sample(model, inputs, args.steps)
             if isinstance(cfg, hicache.CacheConfig):
                 hicache.apply_cache(model, cfg, "flux")
-                seconds, cpu = sample(model, inputs, args.steps)
+                seconds, cpu, steps = sample(model, inputs, args.steps)
                 summary = hicache.cache_summary(model, args.steps)
                 hicache.remove_cache(model)
-                full, mem = len(summary.full_steps), summary.cache_bytes
+                full_steps, mem = set(summary.full_steps), summary.cache_bytes
             else:
                 model.enable_cache(cfg)
-                seconds, cpu = sample(model, inputs, args.steps)
+                seconds, cpu, steps = sample(model, inputs, args.steps)
                 model.disable_cache()
-                full, mem = diffusers_full_steps(cfg, args.steps), float("nan")
-            pairs.append((base / seconds, base, seconds, base_cpu / cpu))
-        speedup, base, seconds, cpu_speedup = sorted(pairs)[len(pairs) // 2]
+                full_steps, mem = set(diffusers_full_steps(cfg, args.steps)), float("nan")
+            step_ms = (  # median uncached step, and the cached run's median full and cached steps
+                median_ms(base_steps),
+                median_ms([t for i, t in enumerate(steps) if i in full_steps]),
+                median_ms([t for i, t in enumerate(steps) if i not in full_steps]),
+            )
+            pairs.append((base / seconds, base, seconds, base_cpu / cpu, step_ms))
+        speedup, base, seconds, cpu_speedup, step_ms = sorted(pairs, key=lambda p: p[0])[len(pairs) // 2]
+        full = len(full_steps)
         if isinstance(cfg, hicache.CacheConfig):
             n, order = cfg.interval, ("-" if cfg.method == "fora" else cfg.order)
         else:
             n, order = cfg.cache_interval, cfg.max_order
         ideal = args.steps / full
-        # what a cached step costs, if a full step costs what it did in the paired uncached run
-        cached_ms = 1000 * (seconds - full * base / args.steps) / max(1, args.steps - full)
-        rows.append((label, n, order, full, base, seconds, speedup, ideal, cpu_speedup, cached_ms, mem))
+        rows.append((label, n, order, full, base, seconds, speedup, ideal, cpu_speedup, step_ms, mem))
 
     print("\n| method | N | O | full steps | uncached (s) | cached (s) | speedup | ideal | speedup / ideal "
-          "| CPU-time speedup / ideal | cached step (ms) | cache memory (MiB) |")
+          "| CPU-time speedup / ideal | step ms: uncached / full / cached (medians) | cache memory (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, n, order, full, base, seconds, speedup, ideal, cpu_speedup, cached_ms, mem in rows:
+    for label, n, order, full, base, seconds, speedup, ideal, cpu_speedup, step_ms, mem in rows:
         mem_txt = "n/a" if mem != mem else f"{mem / 2**20:.1f}"
+        steps_txt = " / ".join(f"{ms:.1f}" for ms in step_ms)
         print(f"| {label} | {n} | {order} | {full} | {base:.2f} | {seconds:.2f} | {speedup:.2f}x | {ideal:.2f}x "
-              f"| {speedup / ideal:.2f} | {cpu_speedup / ideal:.2f} | {cached_ms:.1f} | {mem_txt} |")
+              f"| {speedup / ideal:.2f} | {cpu_speedup / ideal:.2f} | {steps_txt} | {mem_txt} |")
 
 
 if __name__ == "__main__":

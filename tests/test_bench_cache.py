@@ -19,3 +19,6 @@ def test_bench_cache_smoke_run():
     assert labels == ["fora", "taylorseer", "hicache", "diffusers taylorseer", "diffusers taylorseer lite"]
     # 6 steps at N=3, warm-up 1: full at 0, 3 -> ideal 3.00x
     assert all("| 2 |" in row and "3.00x" in row for row in rows[1:4])
+    # median step times: uncached / full / cached, all measured
+    step_ms = [[float(v) for v in row.split("|")[11].split("/")] for row in rows[1:]]
+    assert all(len(v) == 3 and all(ms > 0 for ms in v) for v in step_ms)

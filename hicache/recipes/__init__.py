@@ -103,9 +103,10 @@ def double_single_stream(name: str) -> Recipe:
     feed those modules, after the adaLN scale and shift, while the modulation linears beside them,
     whose shifts, scales and gates the cached step needs, still run. They stand in with one token
     of zeros (``skip_broadcast``), so that modulation costs nothing either; HunyuanVideo's
-    token-replace norms slice the tokens into first-frame and rest, which a single token survives. So are the rotary position embeddings (FLUX ``pos_embed``,
-    HunyuanVideo ``rope``), which only the attention reads. That is the paper's cached step (the
-    official code computes only the modulation, gates and residual adds).
+    token-replace norms slice the tokens into first-frame and rest, which a single token survives.
+    So are the rotary position embeddings (FLUX ``pos_embed``, HunyuanVideo ``rope``), which only
+    the attention reads. That is the paper's cached step (the official code computes only the
+    modulation, gates and residual adds).
 
     In single-stream blocks ``attn``, ``proj_mlp`` and ``act_mlp`` stand in with *empty* tensors
     (``skip_empty``): ``attn`` and ``act_mlp`` only reach ``proj_out`` through a concatenation along

@@ -124,7 +124,11 @@ def test_blend_init_rejects_a_too_narrow_model():
         blend_init_(build_testbed(TOY).transformer, 0.01)
 
 
-def test_unknown_init_is_a_one_line_error(tmp_path):
-    with pytest.raises(ValueError, match="train.init must be 'random' or 'blend', got 'xavier'") as err:
-        train(TrainConfig(init="xavier"), tmp_path)
+@pytest.mark.parametrize("bad, message", [
+    (dict(init="xavier"), "train.init must be 'random' or 'blend', got 'xavier'"),
+    (dict(loss_weighting="l1"), "train.loss_weighting must be 'edm' or 'relative', got 'l1'"),
+])
+def test_unknown_training_options_are_one_line_errors(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message) as err:
+        train(TrainConfig(**bad), tmp_path)
     assert "\n" not in str(err.value)

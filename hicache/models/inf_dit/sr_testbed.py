@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .image_encoder import encode_lr_image
-from .pipeline import InfDiTPipeline, edm_preconditioning
+from .pipeline import InfDiTPipeline, bicubic_resize, edm_preconditioning
 from .sr_data import TRAIN_PHOTOS, check_source, downscale, heldout_description, heldout_pairs, training_images
 from .transformer import InfDiTTransformer2DModel
 
@@ -179,7 +179,7 @@ def edm_loss(transformer, hr: torch.Tensor, lr: torch.Tensor, embeds: torch.Tens
     """EDM's weighted denoising loss on [-1, 1] images, conditioned as the pipeline conditions; ``image_weight``
     (B,) scales each image's term (see `relative_image_weights`)."""
     batch = hr.shape[0]
-    up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+    up = bicubic_resize(lr, tuple(hr.shape[-2:])).clamp(-1, 1)
     sigma = (torch.randn(batch, generator=generator) * p_std + p_mean).exp()
     noisy = hr + torch.randn(hr.shape, generator=generator) * sigma[:, None, None, None]
     c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, sigma_data)
@@ -199,7 +199,7 @@ def relative_image_weights(hr: torch.Tensor, lr: torch.Tensor, floor: float = 1e
     pixels, so a few images with many edges (large bicubic error) dominate it. On the procedural scenes that
     pushed the denoiser to keep the noisy sample everywhere (good for edge-rich images, noise left on the flat
     ones). Dividing by the bicubic MSE makes the loss a first-order stand-in for the mean log error."""
-    up = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    up = bicubic_resize(lr, tuple(hr.shape[-2:])).clamp(0, 1)
     mse = ((up - hr) * 2).pow(2).flatten(1).mean(1).clamp_min(floor)  # in the model's [-1, 1] units
     return mse.log().mean().exp() / mse
 
@@ -213,8 +213,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_gate(pipe: InfDiTPipeline, hr: torch.Tensor, lr: torch.Tensor, steps: int = 20, seed: int = 0) -> dict:
     """Mean PSNR against HR of the testbed's SR output and of bicubic upsampling, on the same pairs."""
-    from .pipeline import bicubic_resize
-
     sr = torch.cat([pipe(lr[i : i + 1], num_inference_steps=steps, generator=torch.Generator().manual_seed(seed + i),
                          output_type="pt").images for i in range(len(lr))])
     bicubic = ((bicubic_resize(lr * 2 - 1, tuple(hr.shape[-2:])).clamp(-1, 1) + 1) / 2)

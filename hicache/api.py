@@ -85,7 +85,7 @@ def apply_cache(model: torch.nn.Module, config: CacheConfig, recipe: str | Recip
     if config.method != "none":
         roles = {name: recipe.role(name) for name, _ in model.named_modules() if name}
         forecast = [n for n, r in roles.items() if r == "forecast"]
-        skip = [n for n, r in roles.items() if r is not None and r.startswith("skip")]
+        skip = [n for n, r in roles.items() if r in _STAND_IN_SHAPE]
         if not forecast:
             raise ValueError(
                 f"recipe {recipe.name!r} matches no module of {type(model).__name__} "

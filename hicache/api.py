@@ -12,7 +12,8 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import CacheContext
 
 from .config import CacheConfig
-from .hooks import FORECAST_HOOK, HOOK_NAMES, SKIP_HOOK, STEP_HOOK, ForecastHook, SkipHook, StepHook, ZeroPool, register
+from .hooks import (FORECAST_HOOK, HOOK_NAMES, LIVE_CHUNKS_HOOK, SKIP_HOOK, STEP_HOOK, ForecastHook, LiveChunksHook,
+                    SkipHook, StepHook, ZeroPool, register)
 from .recipes import Recipe, get_recipe
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class CacheHandle:
     step_hook: StepHook | None = None
     forecast_hooks: dict[str, ForecastHook] = field(default_factory=dict)
     skip_hooks: dict[str, SkipHook] = field(default_factory=dict)
+    live_chunks_hooks: dict[str, LiveChunksHook] = field(default_factory=dict)
     zero_pool: ZeroPool = field(default_factory=ZeroPool)
 
     def state_managers(self):
@@ -49,6 +51,7 @@ class CacheSummary:
     ideal_speedup: float | None
     forecast_modules: list[str]
     skip_modules: list[str]
+    live_chunks_modules: list[str]
     cache_bytes: int
     full_forwards: int
     cached_forwards: int
@@ -60,7 +63,8 @@ class CacheSummary:
                 f"  {len(self.full_steps)} full / {len(self.cached_steps)} cached of {self.num_steps} steps "
                 f"(ideal speedup {self.ideal_speedup:.2f}x); full at {self.full_steps}"
             )
-        lines.append(f"  {len(self.forecast_modules)} forecast modules, {len(self.skip_modules)} skipped modules")
+        lines.append(f"  {len(self.forecast_modules)} forecast modules, {len(self.skip_modules)} skipped modules, "
+                     f"{len(self.live_chunks_modules)} linears computing only their live chunks")
         lines.append(f"  peak cache memory {self.cache_bytes / 2**20:.1f} MiB")
         lines.append(f"  forwards so far: {self.full_forwards} full, {self.cached_forwards} cached")
         return "\n".join(lines)
@@ -86,6 +90,7 @@ def apply_cache(model: torch.nn.Module, config: CacheConfig, recipe: str | Recip
         roles = {name: recipe.role(name) for name, _ in model.named_modules() if name}
         forecast = [n for n, r in roles.items() if r == "forecast"]
         skip = [n for n, r in roles.items() if r in _STAND_IN_SHAPE]
+        chunked = [n for n, r in roles.items() if r == "live_chunks"]
         if not forecast:
             raise ValueError(
                 f"recipe {recipe.name!r} matches no module of {type(model).__name__} "
@@ -95,6 +100,8 @@ def apply_cache(model: torch.nn.Module, config: CacheConfig, recipe: str | Recip
             if not any(re.fullmatch(pattern, n) for n in roles):
                 logger.warning("hicache: recipe %r pattern %r matches no module", recipe.name, pattern)
         modules = dict(model.named_modules())
+        for name in chunked:  # before any hook is attached: a bad recipe leaves the model untouched
+            _check_live_chunks(recipe, name, modules[name])
         handle.step_hook = StepHook(config.schedule)
         register(model, handle.step_hook, STEP_HOOK)
         steps = handle.step_hook.state_manager
@@ -104,6 +111,10 @@ def apply_cache(model: torch.nn.Module, config: CacheConfig, recipe: str | Recip
         for name in skip:
             handle.skip_hooks[name] = SkipHook(name, steps, handle.zero_pool, shape=_STAND_IN_SHAPE[roles[name]])
             register(modules[name], handle.skip_hooks[name], SKIP_HOOK)
+        for name in chunked:
+            hook = LiveChunksHook(name, steps, handle.zero_pool, *recipe.chunks(name))
+            handle.live_chunks_hooks[name] = hook
+            register(modules[name], hook, LIVE_CHUNKS_HOOK)
         # Hooks on children stale the registry's cached child list that `cache_context` walks.
         HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
 
@@ -156,6 +167,7 @@ def cache_summary(model: torch.nn.Module, num_inference_steps: int | None = None
         ideal_speedup=speedup,
         forecast_modules=list(handle.forecast_hooks),
         skip_modules=list(handle.skip_hooks),
+        live_chunks_modules=list(handle.live_chunks_hooks),
         cache_bytes=sum(h.peak_bytes for h in handle.forecast_hooks.values()) + handle.zero_pool.nbytes,
         full_forwards=handle.step_hook.full_forwards if handle.step_hook else 0,
         cached_forwards=handle.step_hook.cached_forwards if handle.step_hook else 0,
@@ -175,6 +187,16 @@ def cache_context(model: torch.nn.Module, name: str, **kwargs):
     finally:
         for manager in managers:
             manager.set_context(None)
+
+
+def _check_live_chunks(recipe: Recipe, name: str, module: torch.nn.Module) -> None:
+    num_chunks, _ = recipe.chunks(name)
+    if not isinstance(module, torch.nn.Linear):
+        raise ValueError(f"recipe {recipe.name!r}: live_chunks module {name!r} is a {type(module).__name__}, "
+                         "not a torch.nn.Linear")
+    if module.out_features % num_chunks:
+        raise ValueError(f"recipe {recipe.name!r}: live_chunks module {name!r} has {module.out_features} outputs, "
+                         f"not divisible into {num_chunks} chunks")
 
 
 def _handle(model: torch.nn.Module) -> CacheHandle:

@@ -1,6 +1,6 @@
 """diffusers hooks that carry the caching core into an unmodified model.
 
-Three hooks, one concern each, all on diffusers' own `HookRegistry`:
+Four hooks, one concern each, all on diffusers' own `HookRegistry`:
 
 - `StepHook` on the root module counts steps (one root forward = one step) and asks the schedule
   whether the step is full. Its `StateManager` is shared with every other hook, so they all see
@@ -11,6 +11,8 @@ Three hooks, one concern each, all on diffusers' own `HookRegistry`:
   cached steps (from a `ZeroPool` shared by all skipped modules, so standing in costs nothing), or
   smaller zeros where the recipe says the consumers allow it: empty along the last dimension
   (``skip_empty``) or a single element in every other dimension (``skip_broadcast``).
+- `LiveChunksHook` on a linear layer of which cached steps read only some output chunks (adaLN
+  modulation: the gates) multiplies only those rows of its weight at cached steps.
 
 State is per cache context ("cond", "uncond", ...) through `StateManager`, so classifier-free
 guidance branches never mix, and pipelines reset it at the end of every call
@@ -22,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
@@ -32,7 +35,8 @@ from .schedule import Schedule
 STEP_HOOK = "hicache_step"
 FORECAST_HOOK = "hicache_forecast"
 SKIP_HOOK = "hicache_skip"
-HOOK_NAMES = (STEP_HOOK, FORECAST_HOOK, SKIP_HOOK)
+LIVE_CHUNKS_HOOK = "hicache_live_chunks"
+HOOK_NAMES = (STEP_HOOK, FORECAST_HOOK, SKIP_HOOK, LIVE_CHUNKS_HOOK)
 # Stand-in shapes of skipped modules: the recorded shape; empty along the last dimension; one
 # element in every dimension but the last (see `hicache.recipes`).
 STAND_IN_SHAPES = ("full", "empty", "broadcast")
@@ -241,6 +245,64 @@ class SkipHook(_CachedModuleHook):
 
     def stand_in(self, state: SkipState, step: int) -> Any:
         return state.zeros(self.module_name)
+
+
+def chunk_runs(out_features: int, num_chunks: int, live: tuple[int, ...]) -> list[tuple[int, int, bool]]:
+    """Row ranges ``(start, stop, is_live)`` of a linear layer's output split into ``num_chunks`` equal
+    chunks, with neighbouring chunks of the same kind merged (one matmul per run of live chunks)."""
+    size = out_features // num_chunks
+    runs: list[tuple[int, int, bool]] = []
+    for chunk in range(num_chunks):
+        is_live = chunk in live
+        if runs and runs[-1][2] == is_live:
+            runs[-1] = (runs[-1][0], (chunk + 1) * size, is_live)
+        else:
+            runs.append((chunk * size, (chunk + 1) * size, is_live))
+    return runs
+
+
+class LiveChunksHook(ModelHook):
+    """At cached steps, a `torch.nn.Linear` computes only the output chunks the cached step reads.
+
+    adaLN modulation linears output shift, scale and gate for each branch of a block; at a cached step
+    the branches are forecast, so their shifts and scales modulate only inputs that nothing reads, and
+    the gates are all that is needed. The rows of the other chunks are not multiplied (the weight is
+    row-major, so each run of live rows is a contiguous slice) and stand in as zeros from the shared
+    pool. Stateless: it only reads the current step from the step hook."""
+
+    def __init__(self, module_name: str, steps: StateManager, pool: ZeroPool, num_chunks: int, live: tuple[int, ...]):
+        super().__init__()
+        self.module_name = module_name
+        self.steps = steps
+        self.pool = pool
+        self.num_chunks = num_chunks
+        self.live = live
+        self.runs: list[tuple[int, int, bool]] = []
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.runs = chunk_runs(module.out_features, self.num_chunks, self.live)
+        return module
+
+    def new_forward(self, module: torch.nn.Linear, *args, **kwargs):
+        step: StepState = self.steps.get_state()
+        if step.step < 0:
+            raise RuntimeError(f"hicache: {self.module_name!r} ran before its root module's step hook")
+        if step.is_full:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        x = args[0] if args else kwargs["input"]
+        weight, bias = module.weight, module.bias
+        pieces = [
+            F.linear(x, weight[start:stop], None if bias is None else bias[start:stop]) if is_live else None
+            for start, stop, is_live in self.runs
+        ]
+        like = next(p for p in pieces if p is not None)
+        for i, (start, stop, is_live) in enumerate(self.runs):
+            if not is_live:
+                pieces[i] = self.dead_chunks(like.shape[:-1] + (stop - start,), like.dtype, like.device)
+        return torch.cat(pieces, dim=-1)
+
+    def dead_chunks(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self.pool.zeros(shape, dtype, device, self.module_name)
 
 
 def register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:

@@ -2,8 +2,8 @@
 
 A skipped module stands in with zeros at cached steps; that is only exact if nothing but forecast
 or other skipped modules reads its output. So: run the cached model twice, once with the zeros and
-once with random stand-ins for every skipped module. Dead outputs leave the result bit-identical;
-a live one (the negative case) changes it.
+once with random stand-ins for every skipped module and every chunk a ``live_chunks`` linear does
+not compute. Dead outputs leave the result bit-identical; a live one (the negative case) changes it.
 """
 
 import pytest
@@ -78,6 +78,8 @@ def _random_stand_ins(monkeypatch):
         return out[0] if self.is_tensor else out
 
     monkeypatch.setattr(hooks.SkipState, "zeros", noisy)
+    monkeypatch.setattr(hooks.LiveChunksHook, "dead_chunks",
+                        lambda self, shape, dtype, device: torch.randn(shape, generator=g).to(dtype))
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -101,6 +103,67 @@ def test_a_live_skipped_output_changes_the_result(monkeypatch):
     _random_stand_ins(monkeypatch)
     with_noise = _sample(model, inputs, live)
     assert not torch.equal(with_noise, with_zeros)
+
+
+def test_a_live_chunk_left_out_changes_the_result(monkeypatch):
+    """Declaring FLUX's MLP gate (chunk 5 of the double-stream modulation) dead is caught."""
+    model, inputs, recipe = _flux()
+    registered = hicache.get_recipe(recipe)
+    wrong = hicache.Recipe(forecast=registered.forecast, skip=registered.skip, name="gate_left_out",
+                           live_chunks={r"transformer_blocks\.\d+\.norm1\.linear": (6, (2,))})
+    with_zeros = _sample(model, inputs, wrong)
+    _random_stand_ins(monkeypatch)
+    assert not torch.equal(_sample(model, inputs, wrong), with_zeros)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_live_chunks_compute_what_the_whole_linear_computes(name):
+    """Multiplying only the gate rows of the modulation linears is only a saving."""
+    model, inputs, recipe = MODELS[name]()
+    registered = hicache.get_recipe(recipe)
+    assert registered.live_chunks
+    whole = hicache.Recipe(forecast=registered.forecast, skip=registered.skip, skip_empty=registered.skip_empty,
+                           skip_broadcast=registered.skip_broadcast, name="whole_linears")
+    torch.testing.assert_close(_sample(model, inputs, recipe), _sample(model, inputs, whole), rtol=0, atol=0)
+
+
+def test_live_chunks_multiply_only_their_rows():
+    """At a full step the whole linear runs; at a cached step only the live rows, the rest are zeros."""
+    model = _Block(lambda x, h: h)
+    recipe = hicache.Recipe(forecast=["out"], live_chunks={"inner": (3, (1,))})
+    hicache.apply_cache(model, hicache.CacheConfig("fora", interval=2, warmup=1), recipe)
+    seen = []
+    model.out.register_forward_pre_hook(lambda m, a: seen.append(a[0]))  # `out` is forecast, its input still computed
+    x = torch.randn(2, 3)
+    try:
+        with hicache.cache_context(model, "cond"), torch.no_grad():
+            model(x)  # full
+            model(x)  # cached
+    finally:
+        hicache.remove_cache(model)
+    with torch.no_grad():
+        whole = model.inner(x)
+        torch.testing.assert_close(seen[0], whole)
+        torch.testing.assert_close(seen[1], torch.stack([torch.zeros(2), whole[:, 1], torch.zeros(2)], 1))
+
+
+def test_chunk_runs_merge_neighbours():
+    assert hooks.chunk_runs(12, 6, (2, 5)) == [(0, 4, False), (4, 6, True), (6, 10, False), (10, 12, True)]
+    assert hooks.chunk_runs(6, 3, (0, 1)) == [(0, 4, True), (4, 6, False)]
+
+
+def test_bad_live_chunks_are_one_line_errors():
+    with pytest.raises(ValueError, match=r"live_chunks\['a'\] = \(3, \(3,\)\).*0\.\.2"):
+        hicache.Recipe(forecast=["x"], live_chunks={"a": (3, (3,))})
+    with pytest.raises(ValueError, match=r"must be \(num_chunks, live chunk indices\)"):
+        hicache.Recipe(forecast=["x"], live_chunks={"a": 3})
+    model = _Block(lambda x, h: h)
+    for chunks, match in (({"out": (2, (0,))}, "has 3 outputs, not divisible into 2"),
+                          ({"combine": (1, (0,))}, "not a torch.nn.Linear")):
+        model.combine = torch.nn.Identity() if "combine" in chunks else model.combine
+        with pytest.raises(ValueError, match=match):
+            hicache.apply_cache(model, hicache.CacheConfig("fora"), hicache.Recipe(forecast=["inner"], live_chunks=chunks))
+        assert not hasattr(model, "_hicache_handle") and not hasattr(model, "_diffusers_hook")
 
 
 def test_skipped_modules_share_one_dense_zero_tensor_per_shape():
@@ -150,7 +213,7 @@ def test_a_consumer_writing_into_the_zeros_fails_loudly():
 def _dense(recipe: hicache.Recipe) -> hicache.Recipe:
     """The same recipe with every skipped module standing in with zeros of its recorded shape."""
     return hicache.Recipe(forecast=recipe.forecast, skip=recipe.skip + recipe.skip_empty + recipe.skip_broadcast,
-                          name=recipe.name)
+                          name=recipe.name, live_chunks={p: (n, live) for p, n, live in recipe.live_chunks})
 
 
 @pytest.mark.parametrize("name", list(MODELS))

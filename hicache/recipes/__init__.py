@@ -15,7 +15,13 @@ lists of regular expressions matched in full against `named_modules()` names:
 - ``skip_broadcast``: skipped likewise, but the stand-in is zeros of shape ``(1, ..., 1, C)``. For
   LayerNorms whose outputs are only scaled and shifted per channel (adaLN modulation) before
   reaching forecast or skipped modules: modulating a full-size tensor of zeros costs as much as
-  the residual stream's own arithmetic.
+  the residual stream's own arithmetic;
+- ``live_chunks``: ``{pattern: (num_chunks, live)}`` for `torch.nn.Linear` modules whose output is
+  split into ``num_chunks`` equal chunks along the last dimension, of which only the chunks in
+  ``live`` are read at cached steps. At cached steps only those rows of the weight are multiplied;
+  the other chunks stand in as zeros. For adaLN modulation linears: a cached step needs their gates,
+  while their shifts and scales only modulate the inputs of forecast or skipped modules. Reading the
+  whole weight matrix for a third of its output was a fifth of a cached step.
 
 A module may have only one role. ``tests/test_recipe_skips.py`` checks every built-in recipe's
 skipped outputs are dead at cached steps, whatever stands in for them.
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 __all__ = ["Recipe", "register_recipe", "get_recipe", "available_recipes", "double_single_stream"]
 
@@ -37,14 +43,18 @@ class Recipe:
     name: str = "custom"
     skip_empty: tuple[str, ...] = ()
     skip_broadcast: tuple[str, ...] = ()
+    live_chunks: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
 
     def __init__(self, forecast: Iterable[str], skip: Iterable[str] = (), name: str = "custom",
-                 skip_empty: Iterable[str] = (), skip_broadcast: Iterable[str] = ()):
+                 skip_empty: Iterable[str] = (), skip_broadcast: Iterable[str] = (),
+                 live_chunks: Mapping[str, tuple[int, Iterable[int]]] | None = None):
         object.__setattr__(self, "forecast", tuple(forecast))
         object.__setattr__(self, "skip", tuple(skip))
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "skip_empty", tuple(skip_empty))
         object.__setattr__(self, "skip_broadcast", tuple(skip_broadcast))
+        object.__setattr__(self, "live_chunks", tuple(
+            (pattern, *_chunk_spec(name, pattern, spec)) for pattern, spec in (live_chunks or {}).items()))
         for pattern in self.patterns:
             try:
                 re.compile(pattern)
@@ -53,12 +63,12 @@ class Recipe:
 
     @property
     def patterns(self) -> tuple[str, ...]:
-        return self.forecast + self.skip + self.skip_empty + self.skip_broadcast
+        return tuple(p for patterns in self.roles.values() for p in patterns)
 
     @property
     def roles(self) -> dict[str, tuple[str, ...]]:
         return {"forecast": self.forecast, "skip": self.skip, "skip_empty": self.skip_empty,
-                "skip_broadcast": self.skip_broadcast}
+                "skip_broadcast": self.skip_broadcast, "live_chunks": tuple(p for p, _, _ in self.live_chunks)}
 
     def role(self, module_name: str) -> str | None:
         """The role (a key of `roles`) of a module name, or None; matching two roles is an error."""
@@ -66,6 +76,26 @@ class Recipe:
         if len(roles) > 1:
             raise ValueError(f"recipe {self.name!r}: module {module_name!r} matches both {roles[0]} and {roles[1]}")
         return roles[0] if roles else None
+
+    def chunks(self, module_name: str) -> tuple[int, tuple[int, ...]]:
+        """(num_chunks, live chunk indices) of a ``live_chunks`` module."""
+        for pattern, num_chunks, live in self.live_chunks:
+            if re.fullmatch(pattern, module_name):
+                return num_chunks, live
+        raise KeyError(f"recipe {self.name!r}: {module_name!r} is not a live_chunks module")
+
+
+def _chunk_spec(recipe: str, pattern: str, spec) -> tuple[int, tuple[int, ...]]:
+    try:
+        num_chunks, live = spec
+        num_chunks, live = int(num_chunks), tuple(sorted({int(i) for i in live}))
+    except (TypeError, ValueError):
+        raise ValueError(f"recipe {recipe!r}: live_chunks[{pattern!r}] must be (num_chunks, live chunk indices), "
+                         f"got {spec!r}") from None
+    if num_chunks < 1 or not live or live[0] < 0 or live[-1] >= num_chunks:
+        raise ValueError(f"recipe {recipe!r}: live_chunks[{pattern!r}] = {spec!r}: need num_chunks >= 1 and "
+                         f"live indices in 0..{num_chunks - 1}")
+    return num_chunks, live
 
 
 _REGISTRY: dict[str, Recipe] = {}
@@ -108,6 +138,12 @@ def double_single_stream(name: str) -> Recipe:
     the attention reads. That is the paper's cached step (the official code computes only the
     modulation, gates and residual adds).
 
+    Of the modulation itself a cached step reads only the gates: the double-stream linears
+    (``norm1.linear``, ``norm1_context.linear``) output shift, scale and gate of the attention, then
+    of the MLP (chunks 2 and 5 of 6 are the gates), the single-stream ``norm.linear`` shift, scale
+    and gate (chunk 2 of 3); HunyuanVideo's token-replace norms call the same linear twice, with the
+    same chunk order. So only the gate rows are multiplied (``live_chunks``).
+
     In single-stream blocks ``attn``, ``proj_mlp`` and ``act_mlp`` stand in with *empty* tensors
     (``skip_empty``): ``attn`` and ``act_mlp`` only reach ``proj_out`` through a concatenation along
     the feature dimension (HunyuanVideo first concatenates the attention's video and text parts
@@ -138,6 +174,10 @@ def double_single_stream(name: str) -> Recipe:
             r"single_transformer_blocks\.\d+\.proj_mlp",
             r"single_transformer_blocks\.\d+\.act_mlp",
         ),
+        live_chunks={
+            r"transformer_blocks\.\d+\.norm1(_context)?\.linear": (6, (2, 5)),
+            r"single_transformer_blocks\.\d+\.norm\.linear": (3, (2,)),
+        },
     )
 
 

@@ -10,7 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_cache_smoke_run():
     proc = subprocess.run(
         [sys.executable, "experiments/bench_cache.py", "--steps", "6", "--tokens", "16", "--heads", "1",
-         "--double", "1", "--single", "1", "--intervals", "3", "--orders", "1", "--warmup", "1", "--threads", "1", "--repeats", "3"],
+         "--double", "1", "--single", "1", "--intervals", "3", "--orders", "1", "--warmup", "1", "--threads", "1", "--repeats", "3",
+         "--keep-freed-memory"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -22,3 +23,7 @@ def test_bench_cache_smoke_run():
     # median step times: uncached / full / cached, all measured
     step_ms = [[float(v) for v in row.split("|")[11].split("/")] for row in rows[1:]]
     assert all(len(v) == 3 and all(ms > 0 for ms in v) for v in step_ms)
+    # median page faults of an uncached step and of the cached run's full steps, counted
+    faults = [[int(v) for v in row.split("|")[12].split("/")] for row in rows[1:]]
+    assert all(len(v) == 2 and min(v) >= 0 for v in faults)
+    assert "malloc keeps freed memory" in proc.stdout.splitlines()[0]

@@ -7,10 +7,10 @@ import torch
 
 from hicache.models.inf_dit.sr_experiment import (SRSetupError, load_hr_images, load_sr_pipeline, resolve_variants,
                                                   run_table)
-from hicache.models.inf_dit.pipeline import edm_preconditioning
+from hicache.models.inf_dit.pipeline import edm_preconditioning, edm_sigmas
 from hicache.models.inf_dit.sr_data import downscale, random_crops
 from hicache.models.inf_dit.sr_testbed import (SRTestbedConfig, TrainConfig, blend_init_, blend_targets, build_testbed,
-                                               load_testbed, lr_factor, psnr, train, update_ema)
+                                               load_testbed, lr_factor, psnr, train, training_sigmas, update_ema)
 
 TOY = SRTestbedConfig(num_layers=1, hidden_size=32, num_attention_heads=2, encoder_width=16, vector_dim=8)
 
@@ -127,8 +127,40 @@ def test_blend_init_rejects_a_too_narrow_model():
 @pytest.mark.parametrize("bad, message", [
     (dict(init="xavier"), "train.init must be 'random' or 'blend', got 'xavier'"),
     (dict(loss_weighting="l1"), "train.loss_weighting must be 'edm' or 'relative', got 'l1'"),
+    (dict(p_schedule=1.5), r"train.p_schedule is a fraction of the batch, in \[0, 1\]; got 1.5"),
 ])
 def test_unknown_training_options_are_one_line_errors(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message) as err:
         train(TrainConfig(**bad), tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_training_sigmas_cover_the_samplers_levels_when_asked():
+    """p_schedule 0 is EDM's log-normal, draw for draw; p_schedule 1 follows the sampler's rho-spaced schedule, so
+    the top levels the 20-step Heun sampler starts from are trained as often as it visits them."""
+    lognormal = training_sigmas(4096, torch.Generator().manual_seed(0), p_mean=0.0, p_std=1.0)
+    reference = (torch.randn(4096, generator=torch.Generator().manual_seed(0))).exp()
+    torch.testing.assert_close(lognormal, reference, rtol=0, atol=0)
+    schedule = training_sigmas(4096, torch.Generator().manual_seed(0), p_mean=0.0, p_std=1.0, p_schedule=1.0)
+    assert float(schedule.min()) >= 0.002 * (1 - 1e-5) and float(schedule.max()) <= 40.0 * (1 + 1e-5)
+    visited = edm_sigmas(20)[:-1]
+    share_above_8 = float((visited > 8).float().mean())  # 6 of the 20 levels
+    assert abs(float((schedule > 8).float().mean()) - share_above_8) < 0.05
+    assert float((lognormal > 8).float().mean()) < 0.05
+    half = training_sigmas(4096, torch.Generator().manual_seed(0), p_mean=0.0, p_std=1.0, p_schedule=0.5)
+    assert 0.1 < float((half > 8).float().mean()) < 0.2
+
+
+def test_testbed_evaluation_script_on_the_shipped_testbed():
+    """experiments/eval_inf_dit_sr_testbed.py runs (2 sampling steps, 17 scenes) and prints its four rows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "experiments/eval_inf_dit_sr_testbed.py", "--n", "17", "--steps", "2",
+                           "--sigmas", "1"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "dB" not in line]
+    assert [row.split("|")[2].strip() for row in rows] == ["16", "1", "17", "16"]
+    assert "sigma 1: " in proc.stdout

@@ -10,8 +10,8 @@ and the residual. Single-stream blocks: ``proj_out`` is forecast (the block mult
 the gate and adds the residual afterwards), and the attention, ``proj_mlp`` and ``act_mlp`` that only
 feed it are skipped, as are the LayerNorms in front of forecast modules and the rotary embedding
 (``rope``) that only attention reads (`double_single_stream`, shared with FLUX). The token refiner
-(``context_embedder``), the embeddings, the AdaLN modulation linears, the gates, the residual adds and
-the output norm/projection run at every step.
+(``context_embedder``), the embeddings, the AdaLN modulation linears (at cached steps only their gate
+rows), the gates, the residual adds and the output norm/projection run at every step.
 
 The patterns are anchored on the top-level block lists, so the refiner's own ``attn``/``ff``
 (``context_embedder.token_refiner.refiner_blocks.*``) never match.

@@ -147,6 +147,27 @@ def test_live_chunks_multiply_only_their_rows():
         torch.testing.assert_close(seen[1], torch.stack([torch.zeros(2), whole[:, 1], torch.zeros(2)], 1))
 
 
+class _PackedParameter(torch.nn.Parameter):
+    """Stands for a quantised weight class (bitsandbytes' Params4bit, ...), whose rows cannot be sliced."""
+
+
+def test_live_chunks_run_the_whole_linear_when_its_weight_is_not_a_plain_tensor():
+    model = _Block(lambda x, h: h)
+    model.inner.weight = _PackedParameter(model.inner.weight.detach().clone())
+    recipe = hicache.Recipe(forecast=["out"], live_chunks={"inner": (3, (1,))})
+    hicache.apply_cache(model, hicache.CacheConfig("fora", interval=2, warmup=1), recipe)
+    seen = []
+    model.out.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    x = torch.randn(2, 3)
+    try:
+        with hicache.cache_context(model, "cond"), torch.no_grad():
+            model(x)
+            model(x)  # cached, but the packed weight is not sliced: the whole linear runs
+    finally:
+        hicache.remove_cache(model)
+    torch.testing.assert_close(seen[1], seen[0])
+
+
 def test_chunk_runs_merge_neighbours():
     assert hooks.chunk_runs(12, 6, (2, 5)) == [(0, 4, False), (4, 6, True), (6, 10, False), (10, 12, True)]
     assert hooks.chunk_runs(6, 3, (0, 1)) == [(0, 4, True), (4, 6, False)]

@@ -287,10 +287,12 @@ class LiveChunksHook(ModelHook):
         step: StepState = self.steps.get_state()
         if step.step < 0:
             raise RuntimeError(f"hicache: {self.module_name!r} ran before its root module's step hook")
-        weight, bias = module.weight, module.bias
-        if step.is_full or not (_plain(weight) and (bias is None or _plain(bias))):
+        if step.is_full:
             return self.fn_ref.original_forward(*args, **kwargs)
         x = args[0] if args else kwargs["input"]
+        weight, bias = module.weight, module.bias
+        if not (_sliceable(weight, x) and (bias is None or _sliceable(bias, x))):
+            return self.fn_ref.original_forward(*args, **kwargs)
         pieces = [
             F.linear(x, weight[start:stop], None if bias is None else bias[start:stop]) if is_live else None
             for start, stop, is_live in self.runs
@@ -305,11 +307,12 @@ class LiveChunksHook(ModelHook):
         return self.pool.zeros(shape, dtype, device, self.module_name)
 
 
-def _plain(tensor: torch.Tensor) -> bool:
-    """A dense tensor whose rows can be sliced: not a quantised or packed parameter subclass (bitsandbytes,
-    torchao, ...), nor a meta placeholder that an offloading hook fills in inside the module's own forward. For
-    any other weight the whole linear runs, as at a full step: exact, only not cheaper."""
-    return type(tensor) in (torch.Tensor, torch.nn.Parameter) and not tensor.is_meta
+def _sliceable(tensor: torch.Tensor, x: torch.Tensor) -> bool:
+    """A dense tensor whose rows can be sliced, where the input is: not a quantised or packed parameter subclass
+    (bitsandbytes, torchao, ...), nor a placeholder (meta, or offloaded elsewhere) that an offloading hook fills in
+    inside the module's own forward. For any other weight the whole linear runs, as at a full step: exact, only not
+    cheaper. (An all-meta run, e.g. counting FLOPs on the meta device, slices like a real one.)"""
+    return type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.device == x.device
 
 
 def register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:

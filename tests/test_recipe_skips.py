@@ -168,6 +168,36 @@ def test_live_chunks_run_the_whole_linear_when_its_weight_is_not_a_plain_tensor(
     torch.testing.assert_close(seen[1], seen[0])
 
 
+def test_live_chunks_run_the_whole_linear_when_its_weight_waits_elsewhere_for_an_offloading_hook():
+    """Offloading (accelerate's sequential offload) wraps the module's forward and brings the weight in there; a
+    weight on another device than the input is left to that forward instead of being sliced."""
+    model = _Block(lambda x, h: h)
+    onloaded = model.inner.weight.detach().clone()
+    inner_forward = model.inner.forward
+
+    def offloaded_forward(*args, **kwargs):  # installed before hicache's hooks, as accelerate's would be
+        model.inner.weight = torch.nn.Parameter(onloaded.clone())
+        out = inner_forward(*args, **kwargs)
+        model.inner.weight = torch.nn.Parameter(torch.empty(3, 3, device="meta"))
+        return out
+
+    model.inner.forward = offloaded_forward
+    model.inner.weight = torch.nn.Parameter(torch.empty(3, 3, device="meta"))
+    recipe = hicache.Recipe(forecast=["out"], live_chunks={"inner": (3, (1,))})
+    hicache.apply_cache(model, hicache.CacheConfig("fora", interval=2, warmup=1), recipe)
+    seen = []
+    model.out.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    x = torch.randn(2, 3)
+    try:
+        with hicache.cache_context(model, "cond"), torch.no_grad():
+            model(x)
+            model(x)  # cached: the meta weight is not sliced; the offloading forward computes the whole linear
+    finally:
+        hicache.remove_cache(model)
+    assert seen[1].device == x.device
+    torch.testing.assert_close(seen[1], seen[0])
+
+
 def test_chunk_runs_merge_neighbours():
     assert hooks.chunk_runs(12, 6, (2, 5)) == [(0, 4, False), (4, 6, True), (6, 10, False), (10, 12, True)]
     assert hooks.chunk_runs(6, 3, (0, 1)) == [(0, 4, True), (4, 6, False)]

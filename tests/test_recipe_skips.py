@@ -127,24 +127,30 @@ def test_live_chunks_compute_what_the_whole_linear_computes(name):
     torch.testing.assert_close(_sample(model, inputs, recipe), _sample(model, inputs, whole), rtol=0, atol=0)
 
 
-def test_live_chunks_multiply_only_their_rows():
-    """At a full step the whole linear runs; at a cached step only the live rows, the rest are zeros."""
-    model = _Block(lambda x, h: h)
-    recipe = hicache.Recipe(forecast=["out"], live_chunks={"inner": (3, (1,))})
-    hicache.apply_cache(model, hicache.CacheConfig("fora", interval=2, warmup=1), recipe)
+def _out_inputs_at_a_full_then_a_cached_step(model: "_Block", x: torch.Tensor, live_chunks: dict) -> list:
+    """Cache ``model`` (FORA, interval 2, ``out`` forecast) with ``live_chunks``, run a full then a cached step,
+    and return the input ``out`` received at each (a forecast module's input is still computed)."""
+    hicache.apply_cache(model, hicache.CacheConfig("fora", interval=2, warmup=1),
+                        hicache.Recipe(forecast=["out"], live_chunks=live_chunks))
     seen = []
-    model.out.register_forward_pre_hook(lambda m, a: seen.append(a[0]))  # `out` is forecast, its input still computed
-    x = torch.randn(2, 3)
+    model.out.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     try:
         with hicache.cache_context(model, "cond"), torch.no_grad():
-            model(x)  # full
-            model(x)  # cached
+            model(x)
+            model(x)
     finally:
         hicache.remove_cache(model)
+    return seen
+
+
+def test_live_chunks_multiply_only_their_rows():
+    """At a full step the whole linear runs; at a cached step only the live rows, the rest are zeros."""
+    model, x = _Block(lambda x, h: h), torch.randn(2, 3)
+    full, cached = _out_inputs_at_a_full_then_a_cached_step(model, x, {"inner": (3, (1,))})
     with torch.no_grad():
         whole = model.inner(x)
-        torch.testing.assert_close(seen[0], whole)
-        torch.testing.assert_close(seen[1], torch.stack([torch.zeros(2), whole[:, 1], torch.zeros(2)], 1))
+    torch.testing.assert_close(full, whole)
+    torch.testing.assert_close(cached, torch.stack([torch.zeros(2), whole[:, 1], torch.zeros(2)], 1))
 
 
 class _PackedParameter(torch.nn.Parameter):
@@ -154,18 +160,8 @@ class _PackedParameter(torch.nn.Parameter):
 def test_live_chunks_run_the_whole_linear_when_its_weight_is_not_a_plain_tensor():
     model = _Block(lambda x, h: h)
     model.inner.weight = _PackedParameter(model.inner.weight.detach().clone())
-    recipe = hicache.Recipe(forecast=["out"], live_chunks={"inner": (3, (1,))})
-    hicache.apply_cache(model, hicache.CacheConfig("fora", interval=2, warmup=1), recipe)
-    seen = []
-    model.out.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    x = torch.randn(2, 3)
-    try:
-        with hicache.cache_context(model, "cond"), torch.no_grad():
-            model(x)
-            model(x)  # cached, but the packed weight is not sliced: the whole linear runs
-    finally:
-        hicache.remove_cache(model)
-    torch.testing.assert_close(seen[1], seen[0])
+    full, cached = _out_inputs_at_a_full_then_a_cached_step(model, torch.randn(2, 3), {"inner": (3, (1,))})
+    torch.testing.assert_close(cached, full)  # not sliced: the whole linear ran
 
 
 def test_live_chunks_run_the_whole_linear_when_its_weight_waits_elsewhere_for_an_offloading_hook():
@@ -183,19 +179,10 @@ def test_live_chunks_run_the_whole_linear_when_its_weight_waits_elsewhere_for_an
 
     model.inner.forward = offloaded_forward
     model.inner.weight = torch.nn.Parameter(torch.empty(3, 3, device="meta"))
-    recipe = hicache.Recipe(forecast=["out"], live_chunks={"inner": (3, (1,))})
-    hicache.apply_cache(model, hicache.CacheConfig("fora", interval=2, warmup=1), recipe)
-    seen = []
-    model.out.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     x = torch.randn(2, 3)
-    try:
-        with hicache.cache_context(model, "cond"), torch.no_grad():
-            model(x)
-            model(x)  # cached: the meta weight is not sliced; the offloading forward computes the whole linear
-    finally:
-        hicache.remove_cache(model)
-    assert seen[1].device == x.device
-    torch.testing.assert_close(seen[1], seen[0])
+    full, cached = _out_inputs_at_a_full_then_a_cached_step(model, x, {"inner": (3, (1,))})
+    assert cached.device == x.device
+    torch.testing.assert_close(cached, full)
 
 
 def test_chunk_runs_merge_neighbours():

@@ -29,12 +29,17 @@ from .transformer import InfDiTTransformer2DModel
 SIGMA_MIN, SIGMA_MAX, RHO, SIGMA_DATA = 0.002, 40.0, 7.0, 0.5
 
 
+def rho_spaced(ramp: torch.Tensor, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+               rho: float = RHO) -> torch.Tensor:
+    """Karras et al.'s noise level at ``ramp`` in [0, 1] (0: sigma_max, 1: sigma_min), as the official code."""
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv + ramp * (min_inv - max_inv)) ** rho
+
+
 def edm_sigmas(num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
                device=None) -> torch.Tensor:
     """Karras et al.'s rho-spaced noise levels, high to low, with a final 0 (computed as the official code)."""
-    ramp = torch.linspace(0, 1, num_steps, device=device)
-    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho
+    sigmas = rho_spaced(torch.linspace(0, 1, num_steps, device=device), sigma_min, sigma_max, rho)
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 

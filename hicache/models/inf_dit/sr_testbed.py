@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .image_encoder import encode_lr_image
-from .pipeline import RHO, SIGMA_MAX, SIGMA_MIN, InfDiTPipeline, bicubic_resize, edm_preconditioning
+from .pipeline import InfDiTPipeline, bicubic_resize, edm_preconditioning, rho_spaced
 from .sr_data import TRAIN_PHOTOS, check_source, downscale, heldout_description, heldout_pairs, training_images
 from .transformer import InfDiTTransformer2DModel
 
@@ -184,9 +184,7 @@ def training_sigmas(batch: int, generator: torch.Generator, p_mean: float = -1.0
     and the sampler started from that."""
     sigma = (torch.randn(batch, generator=generator) * p_std + p_mean).exp()
     if p_schedule > 0:  # (no extra draws otherwise: the log-normal-only stream stays as it was)
-        ramp = torch.rand(batch, generator=generator)
-        min_inv, max_inv = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
-        schedule = (max_inv + ramp * (min_inv - max_inv)) ** RHO
+        schedule = rho_spaced(torch.rand(batch, generator=generator))
         sigma = torch.where(torch.rand(batch, generator=generator) < p_schedule, schedule, sigma)
     return sigma
 

@@ -76,6 +76,14 @@ class StepHook(ModelHook):
         return module
 
 
+def current_step(steps: StateManager, module_name: str) -> StepState:
+    """The step the root module's `StepHook` is in, for a hook on one of its submodules."""
+    step: StepState = steps.get_state()
+    if step.step < 0:
+        raise RuntimeError(f"hicache: {module_name!r} ran before its root module's step hook")
+    return step
+
+
 def _as_tuple(output: Any, module_name: str) -> tuple[torch.Tensor | None, ...]:
     if isinstance(output, torch.Tensor):
         return (output,)
@@ -202,10 +210,8 @@ class _CachedModuleHook(ModelHook):
         self.state_manager = state_manager
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        step: StepState = self.steps.get_state()
+        step = current_step(self.steps, self.module_name)
         state = self.state_manager.get_state()
-        if step.step < 0:
-            raise RuntimeError(f"hicache: {self.module_name!r} ran before its root module's step hook")
         if step.is_full:
             output = self.fn_ref.original_forward(*args, **kwargs)
             self.record(state, output, step.step)
@@ -284,10 +290,7 @@ class LiveChunksHook(ModelHook):
         return module
 
     def new_forward(self, module: torch.nn.Linear, *args, **kwargs):
-        step: StepState = self.steps.get_state()
-        if step.step < 0:
-            raise RuntimeError(f"hicache: {self.module_name!r} ran before its root module's step hook")
-        if step.is_full:
+        if current_step(self.steps, self.module_name).is_full:
             return self.fn_ref.original_forward(*args, **kwargs)
         x = args[0] if args else kwargs["input"]
         weight, bias = module.weight, module.bias

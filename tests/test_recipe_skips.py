@@ -288,3 +288,17 @@ def test_a_module_may_have_only_one_role():
     assert recipe.role("b") == "skip_empty" and recipe.role("c") is None
     with pytest.raises(ValueError, match="'a' matches both forecast and skip_empty"):
         recipe.role("a")
+
+
+def test_a_hooked_submodule_called_before_its_root_is_a_one_line_error():
+    model = _Block(lambda x, h: h)
+    hicache.apply_cache(model, hicache.CacheConfig("fora", interval=2, warmup=1),
+                        hicache.Recipe(forecast=["out"], live_chunks={"inner": (3, (1,))}))
+    try:
+        with hicache.cache_context(model, "cond"), torch.no_grad():
+            for name in ("out", "inner"):  # a forecast module and a live-chunks linear, no root step yet
+                with pytest.raises(RuntimeError, match=f"'{name}' ran before its root module's step hook") as err:
+                    getattr(model, name)(torch.ones(1, 3))
+                assert "\n" not in str(err.value)
+    finally:
+        hicache.remove_cache(model)

@@ -51,8 +51,9 @@ def differences(series: Series, max_order: int = 3, stride: int = 1) -> Iterator
     for j in range(0, len(series.steps), stride):
         step = series.steps[j]
         history.update(series.values[j], step)
-        for order in range(1, len(history.factors)):
-            yield step, order, history.factors[order]
+        factors = history.factors
+        for order in range(1, len(factors)):
+            yield step, order, factors[order]
 
 
 def _token_matrix(value: torch.Tensor) -> np.ndarray:

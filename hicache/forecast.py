@@ -17,6 +17,13 @@ At a cached step ``s`` with ``k = s - s_last`` and ``m = min(order, available)``
 - ``hi_taylor``:        D0 + sum_{i>=1} D_i sigma^(2i) k^i / i!          (dual scaling, monomials)
 - ``hicache_analytic``: ``hicache`` with a per-output sigma from the running size of D1.
 
+Storage: each D_i is kept as ``c_i * U_i``, a tensor ``U_i`` and a float ``c_i`` (``c_0 = 1``,
+``c_{i+1} = c_i / dt``), and the scales go into the forecast's weights. A new difference is then one
+pass, ``U_{i+1} = U_i - (c_i_prev / c_i) U_i_prev``, written into a buffer of the history that is no
+longer needed (the old top order, or the old ``U_i`` it replaces), so a full step of a steady history
+makes no new tensor and touches each stored element once: at full steps this halves the memory traffic
+of the update and keeps the allocator from having to find (and, on CPU, page in) fresh memory.
+
 A property worth knowing: on full steps h apart the history holds the backward differences
 nabla^i F / h^i, which equal the derivatives F^(i) only to first order. So the Taylor forecast is
 exact on trajectories of degree <= 1 for any order; on a degree-O polynomial the top difference
@@ -96,10 +103,11 @@ class AnalyticSigma:
     beta: float = 0.01
     eps: float = 1e-6
 
-    def observe(self, ema: float | None, first_difference: torch.Tensor) -> float:
+    def observe(self, ema: float | None, first_difference: torch.Tensor, scale: float = 1.0) -> float:
+        """The EMA after seeing D1 = ``scale * first_difference``."""
         d1 = first_difference.float()
         token_norms = d1.norm(dim=-1) if d1.dim() > 0 else d1.abs()
-        x = float(token_norms.mean()) ** 2
+        x = (abs(scale) * float(token_norms.mean())) ** 2
         return x if ema is None else (1.0 - self.beta) * ema + self.beta * x
 
     def sigma(self, ema: float) -> float:
@@ -130,10 +138,17 @@ class DifferenceHistory:
         self.reset()
 
     def reset(self) -> None:
-        self.factors: list[torch.Tensor] = []
+        self._terms: list[torch.Tensor] = []  # U_i; D_i = scale_i * U_i
+        self._scales: list[float] = []
         self.last_step: int | None = None
         self.output_dtype: torch.dtype | None = None
         self._ema: float | None = None
+
+    @property
+    def factors(self) -> list[torch.Tensor]:
+        """D_0 .. D_m, the divided differences themselves: new tensors for i >= 1 (the stored ones are
+        overwritten by later updates), made on demand for inspection and analysis."""
+        return [u if i == 0 else u * c for i, (u, c) in enumerate(zip(self._terms, self._scales))]
 
     @property
     def current_sigma(self) -> float:
@@ -143,26 +158,37 @@ class DifferenceHistory:
 
     @property
     def nbytes(self) -> int:
-        return sum(f.numel() * f.element_size() for f in self.factors)
+        return sum(u.numel() * u.element_size() for u in self._terms)
 
     def update(self, value: torch.Tensor, step: int) -> None:
         """Record the exact output of a full step."""
         value = value.detach()
         self.output_dtype = value.dtype
-        dtype = self.factor_dtype or value.dtype
-        new = [value.to(dtype)]
+        v = value.to(self.factor_dtype or value.dtype)  # may be the module's output itself: never written into
+        old_terms, old_scales = self._terms, self._scales
+        num_new = 0
         if self.last_step is not None and step >= self.warmup - 1:
             dt = step - self.last_step
             if dt <= 0:
                 raise ValueError(f"full steps must increase: got step {step} after {self.last_step}")
-            for i in range(min(self.order, len(self.factors))):
-                prev = self.factors[i]
-                if prev.shape != new[i].shape:
-                    break  # the token count changed: start the expansion again from D0
-                new.append(torch.sub(new[i], prev).div_(dt))  # one allocation, not two
-        if self.method == "hicache_analytic" and len(new) > 1:
-            self._ema = self.analytic.observe(self._ema, new[1])
-        self.factors = new
+            prev = old_terms[0]
+            same = prev.shape == v.shape and prev.dtype == v.dtype and prev.device == v.device
+            num_new = min(self.order, len(old_terms)) if same else 0  # shape changed: start again from D0
+        terms, scales = [v], [1.0]
+        # the old top order is dropped, so its buffer can take the first new difference; old U_0 cannot
+        # (it is a module output the model may still hold)
+        spare = old_terms[num_new] if 0 < num_new < len(old_terms) else None
+        for i in range(num_new):
+            ratio = old_scales[i] / scales[i]
+            out = spare if i == 0 else old_terms[i]  # old U_i (i >= 1) is ours and dead after this line
+            if out is None:
+                terms.append(torch.sub(terms[i], old_terms[i], alpha=ratio))
+            else:
+                terms.append(torch.sub(terms[i], old_terms[i], alpha=ratio, out=out))
+            scales.append(scales[i] / dt)
+        if self.method == "hicache_analytic" and num_new > 0:
+            self._ema = self.analytic.observe(self._ema, terms[1], scale=scales[1])
+        self._terms, self._scales = terms, scales
         self.last_step = step
 
     def forecast(self, step: int) -> torch.Tensor:
@@ -170,12 +196,12 @@ class DifferenceHistory:
         if self.last_step is None:
             raise RuntimeError("cannot forecast before any full step was recorded")
         k = step - self.last_step
-        weights = coefficients(self.method, k, len(self.factors), self.current_sigma)
-        terms = [(w, f) for w, f in zip(weights[1:], self.factors[1:]) if w != 0.0]
+        weights = coefficients(self.method, k, len(self._terms), self.current_sigma)
+        terms = [(w * c, u) for w, c, u in zip(weights[1:], self._scales[1:], self._terms[1:]) if w != 0.0]
         if not terms:  # a fresh tensor, never the stored D0 itself: callers may write into it
-            return self.factors[0].to(self.output_dtype, copy=True)
-        (w, factor), rest = terms[0], terms[1:]
-        out = torch.add(self.factors[0], factor, alpha=w)  # the first term allocates: no separate copy of D0
-        for w, factor in rest:
-            out.add_(factor, alpha=w)
+            return self._terms[0].to(self.output_dtype, copy=True)
+        (w, term), rest = terms[0], terms[1:]
+        out = torch.add(self._terms[0], term, alpha=w)  # the first term allocates: no separate copy of D0
+        for w, term in rest:
+            out.add_(term, alpha=w)
         return out.to(self.output_dtype)

@@ -144,3 +144,50 @@ def test_factors_are_float32_and_forecasts_return_in_the_model_dtype():
 def test_coefficients_reject_unknown_methods():
     with pytest.raises(ValueError, match="unknown forecasting method"):
         coefficients("magic", 1, 2)
+
+
+def _reference_differences(values, steps, order, warmup=1):
+    """The documented recursion, written out directly: D_{i+1} = (D_i - D_i_prev) / (s_j - s_{j-1})."""
+    factors, last = [], None
+    for v, s in zip(values, steps):
+        new = [v]
+        if last is not None and s >= warmup - 1:
+            for i in range(min(order, len(factors))):
+                new.append((new[i] - factors[i]) / (s - last))
+        factors, last = new, s
+    return factors
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_history_equals_the_recursion_on_uneven_full_steps(order):
+    """Scales folded into the forecast weights change nothing: the warm-up boundary (steps 1 apart, then 7)
+    and an uneven tail give the recursion's differences."""
+    steps = [0, 1, 2, 9, 16, 20, 27]
+    values = [torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in steps]
+    h = DifferenceHistory("taylorseer", order, warmup=3, factor_dtype=torch.float64)
+    for s, v in zip(steps, values):
+        h.update(v, s)
+        expected = _reference_differences(values[: steps.index(s) + 1], steps[: steps.index(s) + 1], order, warmup=3)
+        assert len(h.factors) == len(expected)
+        for got, want in zip(h.factors, expected):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_a_steady_history_reuses_its_buffers_and_never_writes_into_recorded_outputs(order):
+    h = DifferenceHistory("hicache", order, warmup=1, factor_dtype=torch.float32)
+    outputs = [torch.randn(8, 16, generator=torch.Generator().manual_seed(s)) for s in range(order + 4)]
+    kept = [o.clone() for o in outputs]
+    for s, o in enumerate(outputs[: order + 1]):
+        h.update(o, s)  # the history grows to order + 1 terms
+    for s in range(order + 1, len(outputs)):
+        before = {t.data_ptr() for t in h._terms[1:]}
+        factors_before = [f.clone() for f in h.factors]
+        handed_out = h.factors
+        h.update(outputs[s], s)
+        assert {t.data_ptr() for t in h._terms[1:]} == before  # no new tensor: the old buffers took the new differences
+        assert h._terms[0].data_ptr() == outputs[s].data_ptr()  # D0 is the output itself, not a copy
+        for f, f0 in zip(handed_out, factors_before):
+            torch.testing.assert_close(f, f0, rtol=0, atol=0)  # factors handed out earlier were copies
+    for o, k in zip(outputs, kept):
+        torch.testing.assert_close(o, k, rtol=0, atol=0)  # module outputs are read, never written

@@ -14,7 +14,7 @@ from hicache.models.inf_dit.sr_testbed import DataConfig, SRTestbedConfig, Train
 logger = logging.getLogger(__name__)
 
 
-@hydra.main(config_path="inf_dit_conf", config_name="train_sr_testbed", version_base=None)
+@hydra.main(config_path="../conf/train", config_name="inf_dit_sr_testbed", version_base=None)
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))
     train_cfg = TrainConfig(**OmegaConf.to_container(cfg.train), model=SRTestbedConfig(**OmegaConf.to_container(cfg.model)),

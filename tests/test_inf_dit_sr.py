@@ -1,6 +1,7 @@
 """Inf-DiT SR testbed training and the SR table, end to end at toy sizes (seconds)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,44 @@ def test_testbed_evaluation_script_on_the_shipped_testbed():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "dB" not in line]
     assert [row.split("|")[2].strip() for row in rows] == ["16", "1", "17", "16"]
     assert "sigma 1: " in proc.stdout
+
+
+SR_EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("infdit_*.yaml"))
+
+
+def test_the_sr_experiments_exist():
+    assert SR_EXPERIMENTS == ["infdit_sigma", "infdit_table"]
+
+
+@pytest.mark.parametrize("experiment", SR_EXPERIMENTS)
+def test_sr_experiment_smoke_run_through_run_py(experiment, toy_testbed, tmp_path):
+    """`python run.py experiment=infdit_*` on the toy testbed: every row of the config, one job, one table."""
+    import yaml
+
+    from hicache.app.testing import run_overrides
+
+    out, _ = toy_testbed
+    (rows,) = run_overrides([f"experiment={experiment}", f"model.path={out}", "sr.steps=2", "data.n=2",
+                             "sr.save_images=1", f"paths.outputs={tmp_path}"])
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "experiment" / f"{experiment}.yaml").read_text())
+    assert [r["variant"] for r in rows] == [*spec["sr"]["variants"], "bicubic"]
+    assert rows[0]["variant"] == "full" and rows[0]["psnr_full"] == float("inf")
+    assert all(0 < r["psnr_hr"] < 100 for r in rows)
+    results = tmp_path / experiment / "inf_dit_testbed"
+    assert (results / "results.md").read_text().startswith("| variant |") and (results / "full_0.png").is_file()
+
+
+def test_sr_and_text_to_image_models_refuse_each_others_experiments(tmp_path, capsys):
+    from hicache.app.testing import run_overrides
+
+    cases = [
+        (["experiment=infdit_table", "model=testbed"], "needs an Inf-DiT model"),
+        (["experiment=testbed_hicache", "model=inf_dit_testbed", "data.limit=1"], "is a super-resolution model"),
+        (["experiment=infdit_table", "model=inf_dit", f"model.path={tmp_path / 'none.pt'}", "model.device=cpu"],
+         "cloud.tsinghua.edu.cn"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            run_overrides([*overrides, f"paths.outputs={tmp_path}"])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and message in err and err.startswith("error: ") and "\n" not in err

@@ -49,6 +49,13 @@ def main(cfg: DictConfig) -> dict:
             from .collect import run_collect
 
             return run_collect(apply_variant(cfg))
+        if cfg.get("sr") is not None:  # experiment=infdit_*: the super-resolution table, every row in one job
+            from .super_resolution import run_sr
+
+            return run_sr(cfg)
+        if cfg.model.get("output") == "sr":
+            raise SetupError(f"model={cfg.model.name} is a super-resolution model: run it with experiment=infdit_table "
+                             "or experiment=infdit_sigma")
         from .runner import run
 
         return run(apply_variant(cfg))

@@ -181,10 +181,7 @@ class DifferenceHistory:
         for i in range(num_new):
             ratio = old_scales[i] / scales[i]
             out = spare if i == 0 else old_terms[i]  # old U_i (i >= 1) is ours and dead after this line
-            if out is None:
-                terms.append(torch.sub(terms[i], old_terms[i], alpha=ratio))
-            else:
-                terms.append(torch.sub(terms[i], old_terms[i], alpha=ratio, out=out))
+            terms.append(torch.sub(terms[i], old_terms[i], alpha=ratio, out=out))  # out=None: a new tensor
             scales.append(scales[i] / dt)
         if self.method == "hicache_analytic" and num_new > 0:
             self._ema = self.analytic.observe(self._ema, terms[1], scale=scales[1])

@@ -1,11 +1,11 @@
 """Inf-DiT SR testbed training and the SR table, end to end at toy sizes (seconds)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from hicache.app.testing import CONF_DIR
 from hicache.models.inf_dit.sr_experiment import (SRSetupError, load_hr_images, load_sr_pipeline, resolve_variants,
                                                   run_table)
 from hicache.models.inf_dit.pipeline import edm_preconditioning, edm_sigmas
@@ -167,7 +167,7 @@ def test_testbed_evaluation_script_on_the_shipped_testbed():
     assert "sigma 1: " in proc.stdout
 
 
-SR_EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("infdit_*.yaml"))
+SR_EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("infdit_*.yaml"))
 
 
 def test_the_sr_experiments_exist():
@@ -184,7 +184,7 @@ def test_sr_experiment_smoke_run_through_run_py(experiment, toy_testbed, tmp_pat
     out, _ = toy_testbed
     (rows,) = run_overrides([f"experiment={experiment}", f"model.path={out}", "sr.steps=2", "data.n=2",
                              "sr.save_images=1", f"paths.outputs={tmp_path}"])
-    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "experiment" / f"{experiment}.yaml").read_text())
+    spec = yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text())
     assert [r["variant"] for r in rows] == [*spec["sr"]["variants"], "bicubic"]
     assert rows[0]["variant"] == "full" and rows[0]["psnr_full"] == float("inf")
     assert all(0 < r["psnr_hr"] < 100 for r in rows)

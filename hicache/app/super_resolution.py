@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import SetupError
 from .loggers import build_logger
+from .outputs import output_kind
 from .pipelines import model_cpu_threads, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -25,8 +26,6 @@ SR_MODEL_KINDS = {"inf_dit": "released", "inf_dit_testbed": "testbed"}
 
 def run_sr(cfg: DictConfig) -> list[dict]:
     """Run every variant of ``cfg.sr`` on the configured HR images; write results.json/.md; the rows."""
-    from PIL import Image
-
     from hicache.models.inf_dit.sr_experiment import (SRSetupError, load_hr_images, load_sr_pipeline,
                                                       resolve_variants, run_table, testbed_data_source)
 
@@ -50,7 +49,8 @@ def run_sr(cfg: DictConfig) -> list[dict]:
     except SRSetupError as err:
         raise SetupError(str(err)) from None
     records = [{"index": i, **{k: v for k, v in row.items() if k != "cache"}} for i, row in enumerate(rows)]
-    pairs = [(Image.open(out_dir / f"{r['variant']}_0.png"), Image.open(out_dir / "full_0.png"))
+    load = output_kind("image").load
+    pairs = [(load(out_dir / f"{r['variant']}_0.png"), load(out_dir / "full_0.png"))
              for r in rows if (out_dir / f"{r['variant']}_0.png").is_file()]
     build_logger(cfg.logger).log_run(config=cfg, run_dir=out_dir, name=f"{cfg.name}/{model.name}", group=cfg.name,
                                      records=records, summary={"images": len(images), "variants": len(variants)},

@@ -27,3 +27,38 @@ def test_bench_cache_smoke_run():
     faults = [[int(v) for v in row.split("|")[12].split("/")] for row in rows[1:]]
     assert all(len(v) == 2 and min(v) >= 0 for v in faults)
     assert "malloc keeps freed memory" in proc.stdout.splitlines()[0]
+    # the floor (the paper's cached step without the cache's own work) is measured for the caching core's rows only
+    floors = [(row.split("|")[14].strip(), row.split("|")[15].strip()) for row in rows[1:]]
+    assert all(float(ms) > 0 and float(ratio) > 0 for ms, ratio in floors[:3])
+    assert floors[3:] == [("n/a", "n/a")] * 2
+
+
+def test_floor_step_runs_what_a_cached_step_runs():
+    """The benchmark's floor (the cached step's own work, with stored outputs patched in as plain forwards) computes
+    exactly what the hooked FORA cached step after the same full step computes, so its time is a fair lower bound."""
+    import importlib.util
+
+    import torch
+
+    import hicache
+
+    spec = importlib.util.spec_from_file_location("bench_cache", REPO / "experiments" / "bench_cache.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = bench.build_transformer(heads=1, double=2, single=2)
+    inputs = bench.make_inputs(16, text_tokens=8)
+    full_t, cached_t = torch.tensor([0.9]), torch.tensor([0.7])
+    with torch.inference_mode(), bench.floor_forwards(model, inputs, full_t):
+        floor = model(**inputs, timestep=cached_t).sample
+    uncached = model(**inputs, timestep=cached_t).sample  # patches removed: the model computes as before
+    hicache.apply_cache(model, hicache.CacheConfig("fora", interval=2, warmup=1), "flux")
+    with torch.inference_mode():
+        outs = []
+        for t in (full_t, cached_t):
+            with model.cache_context("cond"):
+                outs.append(model(**inputs, timestep=t).sample)
+    hicache.remove_cache(model)
+    assert torch.equal(floor, outs[1])
+    assert not torch.equal(floor, uncached)
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs, timestep=cached_t).sample, uncached)

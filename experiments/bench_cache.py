@@ -15,10 +15,11 @@ the same pair, gives the best speedup any cache attached to the unmodified model
     python experiments/bench_cache.py --threads 2 --repeats 5 --intervals 7 --keep-freed-memory
 
 `--keep-freed-memory` sets glibc's malloc to keep freed memory in the process (the usual CPU-inference tuning,
-what jemalloc or tcmalloc do by default). With glibc's defaults the memory of a full step's activations goes back
+what jemalloc or tcmalloc do by default). With glibc's defaults the memory of a full step's activations can go back
 to the OS during the cached steps that follow, and the next full step page-faults it in again: measured here,
-20-35 thousand page faults and about 30 ms (12 %) more per full step of a cached run on two threads, none in the
-uncached run, whose steps all look alike to the allocator.
+17-35 thousand page faults and 30-40 ms more per full step on two threads. glibc adapts its thresholds to the
+process's history (every run in it, the floor's too), so which steps fault changes from run to run; the page-fault
+columns show it.
 """
 
 from __future__ import annotations
@@ -189,6 +190,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="hicache only, N=7, O=2")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=1, help="(uncached, cached) pairs per configuration; the median pair is reported")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="do not time the floor (it runs in the same process, and glibc's malloc adapts its thresholds to every run)")
+    parser.add_argument("--factor-dtype", default="float32", help="dtype of the stored differences (hicache's rows)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc keeps freed memory in the process (no page faults back at full steps; see above)")
     args = parser.parse_args()
@@ -202,14 +206,15 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"FLUX transformer: {params / 1e6:.1f}M parameters, width {64 * args.heads}, {args.tokens} image tokens, {args.steps} steps, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} (uncached, cached) pairs, "
-          f"{'malloc keeps freed memory' if args.keep_freed_memory else 'default malloc settings'}")
+          f"{'malloc keeps freed memory' if args.keep_freed_memory else 'default malloc settings'}, {args.factor_dtype} factors")
 
     runs: list[tuple[str, object]] = []
     methods = ["hicache"] if args.quick else ["fora", "taylorseer", "hicache"]
     for method in methods:
         for n in ([7] if args.quick else args.intervals):
             for order in ([0] if method == "fora" else [2] if args.quick else args.orders):
-                runs.append((method, hicache.CacheConfig(method, interval=n, warmup=args.warmup, order=order)))
+                runs.append((method, hicache.CacheConfig(method, interval=n, warmup=args.warmup, order=order,
+                                                         factor_dtype=args.factor_dtype)))
     if not (args.quick or args.no_diffusers):
         runs.append(("diffusers taylorseer", TaylorSeerCacheConfig()))
         runs.append(("diffusers taylorseer lite", TaylorSeerCacheConfig(use_lite_mode=True)))
@@ -244,7 +249,8 @@ def main() -> None:
             )
             # the best a cache could do in this pair: the full steps as uncached, the cached steps at the floor
             # (the paper's cached step: for hicache's rows only)
-            floor_ms = median_ms(floor_step_seconds(model, inputs, args.steps)) if isinstance(cfg, hicache.CacheConfig) else float("nan")
+            timed_floor = isinstance(cfg, hicache.CacheConfig) and not args.no_floor
+            floor_ms = median_ms(floor_step_seconds(model, inputs, args.steps)) if timed_floor else float("nan")
             best = base * len(full_steps) / args.steps + (args.steps - len(full_steps)) * floor_ms / 1000
             pairs.append((base / seconds, base, seconds, base_cpu / cpu, step_ms, full_faults, base / best, floor_ms))
         speedup, base, seconds, cpu_speedup, step_ms, full_faults, floor_speedup, floor_ms = sorted(pairs, key=lambda p: p[0])[len(pairs) // 2]

@@ -62,3 +62,15 @@ def test_floor_step_runs_what_a_cached_step_runs():
     assert not torch.equal(floor, uncached)
     with torch.inference_mode():
         assert torch.equal(model(**inputs, timestep=cached_t).sample, uncached)
+
+
+def test_bench_cache_factor_dtype_and_no_floor():
+    proc = subprocess.run(
+        [sys.executable, "experiments/bench_cache.py", "--steps", "6", "--tokens", "16", "--heads", "1", "--double", "1",
+         "--single", "1", "--warmup", "1", "--threads", "1", "--quick", "--no-floor", "--factor-dtype", "bfloat16"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bfloat16 factors" in proc.stdout.splitlines()[0]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| hicache")]
+    assert len(rows) == 1 and [c.strip() for c in rows[0][14:16]] == ["n/a", "n/a"]

@@ -33,11 +33,11 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel, TaylorSeerCacheConfig
 from tqdm import tqdm
 
 import hicache
+from hicache.hooks import STAND_IN_SHAPE_OF_ROLE, chunk_runs, live_rows_linear, stand_in_shape
 from hicache.recipes import get_recipe
 
 
@@ -99,7 +99,7 @@ def floor_forwards(model: FluxTransformer2DModel, inputs: dict, timestep: torch.
     roles = get_recipe(recipe)
     recorded, handles = {}, []
     for name, module in model.named_modules():
-        if roles.role(name) in ("forecast", "skip", "skip_empty", "skip_broadcast"):
+        if roles.role(name) in ("forecast", *STAND_IN_SHAPE_OF_ROLE):
             handles.append(module.register_forward_hook(lambda m, a, out, name=name: recorded.__setitem__(name, out)))
     try:
         with torch.inference_mode():
@@ -109,28 +109,28 @@ def floor_forwards(model: FluxTransformer2DModel, inputs: dict, timestep: torch.
             handle.remove()
     zeros: dict[tuple, torch.Tensor] = {}
 
-    def stand_in(like, shape_of):
+    def stand_in(like, kind):
         if isinstance(like, tuple):
-            return tuple(stand_in(o, shape_of) for o in like)
-        shape = tuple(shape_of(like.shape))
-        return zeros.setdefault(shape, torch.zeros(shape, dtype=like.dtype))
+            return tuple(stand_in(o, kind) for o in like)
+        return dead(stand_in_shape(like.shape, kind), like.dtype, like.device)
 
-    def gate_rows(x, module, num_chunks, live):
-        size = module.out_features // num_chunks
-        return torch.cat([F.linear(x, module.weight[c * size:(c + 1) * size], module.bias[c * size:(c + 1) * size])
-                          if c in live else stand_in(x, lambda s: s[:-1] + (size,)) for c in range(num_chunks)], dim=-1)
+    def dead(shape, dtype, device):  # made once per shape, as the hooks' shared zero pool does
+        key = (tuple(shape), dtype, device)
+        if key not in zeros:
+            zeros[key] = torch.zeros(shape, dtype=dtype, device=device)
+        return zeros[key]
 
-    shapes = {"skip": lambda s: s, "skip_empty": lambda s: s[:-1] + (0,), "skip_broadcast": lambda s: (1,) * (len(s) - 1) + s[-1:]}
     patched = []
     try:
         for name, module in model.named_modules():
             role = roles.role(name)
             if role == "forecast":
                 module.forward = lambda *a, out=recorded[name], **k: out
-            elif role in shapes:
-                module.forward = lambda *a, out=stand_in(recorded[name], shapes[role]), **k: out
+            elif role in STAND_IN_SHAPE_OF_ROLE:
+                module.forward = lambda *a, out=stand_in(recorded[name], STAND_IN_SHAPE_OF_ROLE[role]), **k: out
             elif role == "live_chunks":
-                module.forward = lambda x, module=module, spec=roles.chunks(name): gate_rows(x, module, *spec)
+                runs = chunk_runs(module.out_features, *roles.chunks(name))
+                module.forward = lambda x, module=module, runs=runs: live_rows_linear(x, module.weight, module.bias, runs, dead)
             else:
                 continue
             patched.append(module)

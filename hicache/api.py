@@ -12,14 +12,13 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import CacheContext
 
 from .config import CacheConfig
-from .hooks import (FORECAST_HOOK, HOOK_NAMES, LIVE_CHUNKS_HOOK, SKIP_HOOK, STEP_HOOK, ForecastHook, LiveChunksHook,
-                    SkipHook, StepHook, ZeroPool, register)
+from .hooks import (FORECAST_HOOK, HOOK_NAMES, LIVE_CHUNKS_HOOK, SKIP_HOOK, STAND_IN_SHAPE_OF_ROLE, STEP_HOOK, ForecastHook,
+                    LiveChunksHook, SkipHook, StepHook, ZeroPool, register)
 from .recipes import Recipe, get_recipe
 
 logger = logging.getLogger(__name__)
 
 _HANDLE_ATTR = "_hicache_handle"
-_STAND_IN_SHAPE = {"skip": "full", "skip_empty": "empty", "skip_broadcast": "broadcast"}
 
 
 @dataclass
@@ -89,7 +88,7 @@ def apply_cache(model: torch.nn.Module, config: CacheConfig, recipe: str | Recip
     if config.method != "none":
         roles = {name: recipe.role(name) for name, _ in model.named_modules() if name}
         forecast = [n for n, r in roles.items() if r == "forecast"]
-        skip = [n for n, r in roles.items() if r in _STAND_IN_SHAPE]
+        skip = [n for n, r in roles.items() if r in STAND_IN_SHAPE_OF_ROLE]
         chunked = [n for n, r in roles.items() if r == "live_chunks"]
         if not forecast:
             raise ValueError(
@@ -109,7 +108,7 @@ def apply_cache(model: torch.nn.Module, config: CacheConfig, recipe: str | Recip
             handle.forecast_hooks[name] = ForecastHook(name, steps, config)
             register(modules[name], handle.forecast_hooks[name], FORECAST_HOOK)
         for name in skip:
-            handle.skip_hooks[name] = SkipHook(name, steps, handle.zero_pool, shape=_STAND_IN_SHAPE[roles[name]])
+            handle.skip_hooks[name] = SkipHook(name, steps, handle.zero_pool, shape=STAND_IN_SHAPE_OF_ROLE[roles[name]])
             register(modules[name], handle.skip_hooks[name], SKIP_HOOK)
         for name in chunked:
             hook = LiveChunksHook(name, steps, handle.zero_pool, *recipe.chunks(name))

@@ -40,6 +40,17 @@ HOOK_NAMES = (STEP_HOOK, FORECAST_HOOK, SKIP_HOOK, LIVE_CHUNKS_HOOK)
 # Stand-in shapes of skipped modules: the recorded shape; empty along the last dimension; one
 # element in every dimension but the last (see `hicache.recipes`).
 STAND_IN_SHAPES = ("full", "empty", "broadcast")
+# recipe role of a skipped module -> the shape of its stand-in
+STAND_IN_SHAPE_OF_ROLE = {"skip": "full", "skip_empty": "empty", "skip_broadcast": "broadcast"}
+
+
+def stand_in_shape(shape: torch.Size, kind: str) -> torch.Size:
+    """The shape a skipped module's zeros take in place of an output of ``shape`` (kind: `STAND_IN_SHAPES`)."""
+    if kind == "full" or len(shape) == 0:
+        return shape
+    if kind == "empty":
+        return shape[:-1] + (0,)
+    return torch.Size((1,) * (len(shape) - 1) + shape[-1:])
 
 
 class StepState(BaseState):
@@ -181,15 +192,8 @@ class SkipState(BaseState):
 
     def update(self, output: Any, module_name: str) -> None:
         outputs = _as_tuple(output, module_name)
-        self.specs = [None if o is None else (self._stand_in_shape(o.shape), o.dtype, o.device) for o in outputs]
+        self.specs = [None if o is None else (stand_in_shape(o.shape, self.shape), o.dtype, o.device) for o in outputs]
         self.is_tensor = isinstance(output, torch.Tensor)
-
-    def _stand_in_shape(self, shape: torch.Size) -> torch.Size:
-        if self.shape == "full" or len(shape) == 0:
-            return shape
-        if self.shape == "empty":
-            return shape[:-1] + (0,)
-        return torch.Size((1,) * (len(shape) - 1) + shape[-1:])
 
     def zeros(self, module_name: str) -> Any:
         if self.specs is None:
@@ -296,18 +300,25 @@ class LiveChunksHook(ModelHook):
         weight, bias = module.weight, module.bias
         if not (_sliceable(weight, x) and (bias is None or _sliceable(bias, x))):
             return self.fn_ref.original_forward(*args, **kwargs)
-        pieces = [
-            F.linear(x, weight[start:stop], None if bias is None else bias[start:stop]) if is_live else None
-            for start, stop, is_live in self.runs
-        ]
-        like = next(p for p in pieces if p is not None)
-        for i, (start, stop, is_live) in enumerate(self.runs):
-            if not is_live:
-                pieces[i] = self.dead_chunks(like.shape[:-1] + (stop - start,), like.dtype, like.device)
-        return torch.cat(pieces, dim=-1)
+        return live_rows_linear(x, weight, bias, self.runs, self.dead_chunks)
 
     def dead_chunks(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return self.pool.zeros(shape, dtype, device, self.module_name)
+
+
+def live_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     runs: list[tuple[int, int, bool]], dead_chunks) -> torch.Tensor:
+    """A linear layer's output with only the live row runs (`chunk_runs`) multiplied, and the others taken from
+    ``dead_chunks(shape, dtype, device)``."""
+    pieces = [
+        F.linear(x, weight[start:stop], None if bias is None else bias[start:stop]) if is_live else None
+        for start, stop, is_live in runs
+    ]
+    like = next(p for p in pieces if p is not None)
+    for i, (start, stop, is_live) in enumerate(runs):
+        if not is_live:
+            pieces[i] = dead_chunks(like.shape[:-1] + (stop - start,), like.dtype, like.device)
+    return torch.cat(pieces, dim=-1)
 
 
 def _sliceable(tensor: torch.Tensor, x: torch.Tensor) -> bool:

@@ -192,7 +192,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="(uncached, cached) pairs per configuration; the median pair is reported")
     parser.add_argument("--no-floor", action="store_true",
                         help="do not time the floor (it runs in the same process, and glibc's malloc adapts its thresholds to every run)")
-    parser.add_argument("--factor-dtype", default="float32", help="dtype of the stored differences (hicache's rows)")
+    parser.add_argument("--factor-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the stored differences (hicache's rows)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc keeps freed memory in the process (no page faults back at full steps; see above)")
     args = parser.parse_args()

@@ -74,3 +74,11 @@ def test_bench_cache_factor_dtype_and_no_floor():
     assert "bfloat16 factors" in proc.stdout.splitlines()[0]
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| hicache")]
     assert len(rows) == 1 and [c.strip() for c in rows[0][14:16]] == ["n/a", "n/a"]
+
+
+def test_bench_cache_rejects_an_unknown_factor_dtype_in_one_line():
+    proc = subprocess.run([sys.executable, "experiments/bench_cache.py", "--factor-dtype", "int8"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "argument --factor-dtype: invalid choice: 'int8'" in proc.stderr

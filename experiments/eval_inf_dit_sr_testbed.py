@@ -21,15 +21,16 @@ import torch
 
 from hicache.models.inf_dit.image_encoder import encode_lr_image
 from hicache.models.inf_dit.pipeline import bicubic_resize
-from hicache.models.inf_dit.sr_data import downscale, heldout_pairs, render_scenes
-from hicache.models.inf_dit.sr_testbed import evaluate_gate, load_testbed, psnr
+from hicache.testbeds.inf_dit_sr.data import downscale, heldout_pairs, render_scenes
+from hicache.testbeds import WEIGHTS_DIR
+from hicache.testbeds.inf_dit_sr.train import evaluate_gate, load_testbed, psnr
 
 GATE_IMAGES = 16
 
 
 def validation_pairs(size: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Held-out scenes of another seed whose captions are not among the gate's: never trained on, never gated on."""
-    from hicache.testbed.dataset import heldout_scenes
+    from hicache.testbeds.flux_shapes.dataset import heldout_scenes
 
     gate = {scene.caption for scene in heldout_scenes(GATE_IMAGES, seed=0)}
     scenes = [scene for scene in heldout_scenes(4 * n, seed=1) if scene.caption not in gate][:n]
@@ -50,7 +51,7 @@ def one_step_psnr(pipe, hr: torch.Tensor, lr: torch.Tensor, sigma: float, seed: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--testbed", default="testbeds/inf_dit_sr")
+    parser.add_argument("--testbed", default=str(WEIGHTS_DIR / "inf_dit_sr"))
     parser.add_argument("--n", type=int, default=128, help="held-out scenes (the first 16 are the gate's)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)

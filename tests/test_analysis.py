@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the analysis/ sc
 
 from analysis import forecast_error, gaussianity  # noqa: E402
 from hicache.schedule import Schedule  # noqa: E402
-from hicache.tiny import tiny_flux_pipeline  # noqa: E402
+from hicache.testbeds.tiny.flux import tiny_flux_pipeline  # noqa: E402
 from hicache.trajectories import Series, collect_pipeline_runs  # noqa: E402
 
 

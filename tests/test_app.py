@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hicache.app.testing import TINY_OVERRIDES, run_overrides
-from hicache.tables import render
+from hicache.app.tables import render
 
 
 def test_single_run_writes_images_metrics_and_summary(tmp_path):

@@ -57,7 +57,7 @@ def test_multirun_sweep_logs_wandb_offline_and_renders_a_table(tmp_path):
     for run in runs:
         [offline] = (tmp_path / "testbed_ablation_order" / run / "wandb").glob("offline-run-*")
         assert list(offline.glob("run-*.wandb"))
-    table = subprocess.run([sys.executable, "-m", "hicache.tables", str(tmp_path)], capture_output=True, text=True,
+    table = subprocess.run([sys.executable, "-m", "hicache.app.tables", str(tmp_path)], capture_output=True, text=True,
                            check=True, cwd=REPO).stdout
     assert "## testbed_ablation_order" in table
     assert any(line.startswith("| HiCache | 4 | 7 | 1 | 0.5 | 2 |") for line in table.splitlines())
@@ -79,7 +79,7 @@ def test_two_process_sharding_merges_on_rank_zero(tmp_path):
 def test_the_command_a_setup_error_suggests_then_runs(tmp_path):
     """After the missing-weights error, the same command with the hinted model.path must run: the
     failed attempt may not leave a claimed run folder behind."""
-    from hicache.tiny import save_tiny_flux_pipeline
+    from hicache.testbeds.tiny.flux import save_tiny_flux_pipeline
 
     out = tmp_path / "out"
     env = {"HF_HOME": str(tmp_path / "hf")}

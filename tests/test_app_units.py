@@ -17,7 +17,7 @@ from hicache.app.prompts import load_prompts
 from hicache.app.references import ReferenceStore
 from hicache.app.outputs import output_kind
 from hicache.app.speed import count_transformer_flops
-from hicache.tiny import save_tiny_flux_pipeline, tiny_flux_pipeline
+from hicache.testbeds.tiny.flux import save_tiny_flux_pipeline, tiny_flux_pipeline
 
 CPU = torch.device("cpu")
 
@@ -60,7 +60,7 @@ def test_unreachable_hub_prompt_set_is_a_one_line_error(monkeypatch):
 
 
 def test_testbed_prompt_set_uses_the_heldout_captions():
-    testbed = pytest.importorskip("hicache.testbed")
+    testbed = pytest.importorskip("hicache.testbeds.flux_shapes")
     prompts = load_prompts(cfg(name="t", source="testbed", n=3, seed=0, limit=None))
     assert [p.text for p in prompts] == list(testbed.heldout_captions(3, 0))
 
@@ -111,7 +111,7 @@ def test_image_reward_without_package_or_checkpoint_is_one_line(tmp_path):
 
 
 def test_checker_metric_scores_the_testbed_caption():
-    testbed = pytest.importorskip("hicache.testbed")
+    testbed = pytest.importorskip("hicache.testbeds.flux_shapes")
     [checker], _ = build_metrics(cfg(checker={"enabled": True, "required": True}), CPU)
     caption = testbed.heldout_captions(1, 0)[0]
     image = testbed.render(testbed.parse_caption(caption)) if hasattr(testbed, "render") else None

@@ -8,7 +8,7 @@ from diffusers import TaylorSeerCacheConfig
 from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS
 
 import hicache
-from hicache.tiny import tiny_flux_pipeline
+from hicache.testbeds.tiny.flux import tiny_flux_pipeline
 
 STEPS = 8
 GEN = dict(height=32, width=32, num_inference_steps=STEPS, output_type="pt", max_sequence_length=16)

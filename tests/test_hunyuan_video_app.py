@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from hicache.app import video
 from hicache.app.errors import SetupError
 from hicache.app.testing import CONF_DIR, run_overrides
-from hicache.tables import render
+from hicache.app.tables import render
 
 VIDEO_TINY_OVERRIDES = (
     "model=tiny_hunyuan_video", "data=tiny_words", "data.limit=2", "sampling.steps=8", "sampling.height=32",
@@ -45,7 +45,7 @@ def test_video_fidelity_is_the_mean_over_frames():
 def test_tiny_model_config_uses_the_pipeline_template_with_the_tiny_crop():
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
-    from hicache.tiny_video import tiny_llama_tokenizer, tiny_prompt_template
+    from hicache.testbeds.tiny.hunyuan_video import tiny_llama_tokenizer, tiny_prompt_template
 
     spec = yaml.safe_load((CONF_DIR / "model" / "tiny_hunyuan_video.yaml").read_text())
     template = spec["call_kwargs"]["prompt_template"]

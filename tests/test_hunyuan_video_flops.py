@@ -12,7 +12,7 @@ import torch
 
 import hicache
 import hicache.app.speed  # noqa: F401  (counts the fused CPU attention kernel, as the app does)
-from hicache.tiny_video import tiny_hunyuan_video_transformer
+from hicache.testbeds.tiny.hunyuan_video import tiny_hunyuan_video_transformer
 
 
 

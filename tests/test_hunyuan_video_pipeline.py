@@ -5,7 +5,7 @@ import torch
 from diffusers import HunyuanVideoPipeline
 
 import hicache
-from hicache.tiny_video import save_tiny_hunyuan_video_pipeline, tiny_call_kwargs, tiny_prompt_template
+from hicache.testbeds.tiny.hunyuan_video import save_tiny_hunyuan_video_pipeline, tiny_call_kwargs, tiny_prompt_template
 
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hicache
-from hicache.tiny_video import tiny_hunyuan_video_transformer
+from hicache.testbeds.tiny.hunyuan_video import tiny_hunyuan_video_transformer
 
 
 

@@ -19,7 +19,7 @@ from hicache.models.inf_dit.attention import (
 )
 from hicache.models.inf_dit.checkpoint import CheckpointMismatch, load_sat_checkpoint
 from hicache.models.inf_dit.pipeline import center_crop_to_multiple, edm_sigmas
-from hicache.models.inf_dit.tiny import TINY_CONFIG, tiny_inf_dit_pipeline
+from hicache.testbeds.tiny.inf_dit import TINY_CONFIG, tiny_inf_dit_pipeline
 
 # The official DiffusionEngine's state_dict keys at num_layers=2 (dumped from the official code).
 OFFICIAL_KEYS_2_LAYERS = {
@@ -285,7 +285,7 @@ def test_a_step_is_one_transformer_forward(pipe):
 
 def test_clip_tower_loads_strictly_from_official_names(monkeypatch):
     from hicache.models.inf_dit import image_encoder
-    from hicache.models.inf_dit.tiny import tiny_clip_visual
+    from hicache.testbeds.tiny.inf_dit import tiny_clip_visual
 
     monkeypatch.setattr(image_encoder, "build_clip_visual", lambda arch="": tiny_clip_visual(seed=1))
     source = tiny_clip_visual(seed=0)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from hicache.app.testing import CONF_DIR
-from hicache.models.inf_dit.sr_experiment import (SRSetupError, load_hr_images, load_sr_pipeline, resolve_variants,
+from hicache.app.sr_experiment import (SRSetupError, load_hr_images, load_sr_pipeline, resolve_variants,
                                                   run_table)
 from hicache.models.inf_dit.pipeline import edm_preconditioning, edm_sigmas
-from hicache.models.inf_dit.sr_data import downscale, random_crops
-from hicache.models.inf_dit.sr_testbed import (SRTestbedConfig, TrainConfig, blend_init_, blend_targets, build_testbed,
+from hicache.testbeds.inf_dit_sr.data import downscale, random_crops
+from hicache.testbeds.inf_dit_sr.train import (SRTestbedConfig, TrainConfig, blend_init_, blend_targets, build_testbed,
                                                load_testbed, lr_factor, psnr, train, training_sigmas, update_ema)
 
 TOY = SRTestbedConfig(num_layers=1, hidden_size=32, num_attention_heads=2, encoder_width=16, vector_dim=8)
@@ -206,3 +206,18 @@ def test_sr_and_text_to_image_models_refuse_each_others_experiments(tmp_path, ca
             run_overrides([*overrides, f"paths.outputs={tmp_path}"])
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and message in err and err.startswith("error: ") and "\n" not in err
+
+
+def test_training_experiment_runs_through_run_py(tmp_path):
+    """`python run.py experiment=inf_dit_sr_testbed_train` (in-process, toy sizes) trains and writes a testbed."""
+    from hicache.app.testing import run_overrides
+
+    out = tmp_path / "sr"
+    toy = [f"train.model.{k}={v}" for k, v in dict(num_layers=1, hidden_size=32, num_attention_heads=2,
+                                                       encoder_width=16, vector_dim=8).items()]
+    loop = [f"train.trainer.{k}={v}" for k, v in dict(steps=2, batch_size=2, pool_size=4, eval_pairs=1, eval_steps=1,
+                                                        save_every=1, eval_every=0, init="random").items()]
+    [meta] = run_overrides(["experiment=inf_dit_sr_testbed_train", f"train.out_dir={out}", f"paths.outputs={tmp_path}",
+                            *toy, *loop])
+    assert meta["steps_done"] == 2
+    assert (out / "testbed.json").is_file() and load_testbed(out) is not None

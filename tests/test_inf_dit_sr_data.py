@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hicache.models.inf_dit import sr_data
-from hicache.models.inf_dit.sr_experiment import SRSetupError, load_hr_images
-from hicache.testbed.dataset import heldout_scenes, is_heldout, training_scene
+from hicache.testbeds.inf_dit_sr import data as sr_data
+from hicache.app.sr_experiment import SRSetupError, load_hr_images
+from hicache.testbeds.flux_shapes.dataset import heldout_scenes, is_heldout, training_scene
 
 
 def test_procedural_pairs_are_deterministic_and_lr_is_the_x4_bicubic_of_hr():
@@ -52,7 +52,7 @@ def test_sr_table_heldout_images_follow_the_testbed_source():
 
 
 def test_relative_weights_favour_the_images_bicubic_already_gets_right():
-    from hicache.models.inf_dit.sr_testbed import relative_image_weights
+    from hicache.testbeds.inf_dit_sr.train import relative_image_weights
 
     hr = sr_data.training_images("procedural", 32, 64, torch.Generator())
     lr = sr_data.downscale(hr)

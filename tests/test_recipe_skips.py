@@ -11,8 +11,8 @@ import torch
 
 import hicache
 from hicache import hooks
-from hicache.tiny import tiny_flux_transformer
-from hicache.tiny_video import tiny_hunyuan_video_transformer
+from hicache.testbeds.tiny.flux import tiny_flux_transformer
+from hicache.testbeds.tiny.hunyuan_video import tiny_hunyuan_video_transformer
 
 STEPS = 6
 CONFIG = hicache.CacheConfig("hicache", interval=3, warmup=2, order=2)

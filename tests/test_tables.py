@@ -1,4 +1,4 @@
-"""`python -m hicache.tables`: one Markdown table per experiment, paper numbers beside ours with their source."""
+"""`python -m hicache.app.tables`: one Markdown table per experiment, paper numbers beside ours with their source."""
 
 import json
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import yaml
 
-from hicache.tables import load_paper_numbers, render, PAPER_NUMBERS
+from hicache.app.tables import load_paper_numbers, render, PAPER_NUMBERS
 
 
 def write_summary(root, experiment, run, **values):
@@ -46,8 +46,8 @@ def test_paper_numbers_file_is_valid_and_every_row_has_a_source():
 
 
 def test_cli_renders_and_fails_in_one_line_on_an_empty_folder(tmp_path):
-    empty = subprocess.run([sys.executable, "-m", "hicache.tables", str(tmp_path)], capture_output=True, text=True)
+    empty = subprocess.run([sys.executable, "-m", "hicache.app.tables", str(tmp_path)], capture_output=True, text=True)
     assert empty.returncode == 2 and empty.stderr.strip() == f"error: no summary.json under {tmp_path}"
     write_summary(tmp_path, "e", "r", method="hicache", label="HiCache", interval=7, order=2, sigma=0.5, psnr=31.0)
-    out = subprocess.run([sys.executable, "-m", "hicache.tables", str(tmp_path)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "hicache.app.tables", str(tmp_path)], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("## e\n")

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from hicache.testbed import ShapesDataset, accuracy, check, heldout_captions, heldout_scenes, parse_caption, render
-from hicache.testbed.dataset import COLOURS, SHAPES, is_heldout, training_scene
+from hicache.testbeds.flux_shapes import ShapesDataset, accuracy, check, heldout_captions, heldout_scenes, parse_caption, render
+from hicache.testbeds.flux_shapes.dataset import COLOURS, SHAPES, is_heldout, training_scene
 
 
 def test_dataset_is_deterministic_by_seed_and_index():
@@ -69,7 +69,7 @@ def test_checker_rejects_wrong_attributes():
         }
         row, col = spec.cell
         moved = "at the bottom right" if (row, col) != (2, 2) else "at the top left"
-        from hicache.testbed.dataset import POSITIONS
+        from hicache.testbeds.flux_shapes.dataset import POSITIONS
 
         checks["position"] = cap.replace(POSITIONS[spec.cell], moved, 1)
         for key, bad_caption in checks.items():

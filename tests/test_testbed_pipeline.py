@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from hicache.testbed import PIPELINE_CALL_KWARGS, TESTBED_DIR, check, heldout_captions, load_pipeline
+from hicache.testbeds.flux_shapes import PIPELINE_CALL_KWARGS, TESTBED_DIR, check, heldout_captions, load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = [
     "max_steps=2", "wandb.mode=disabled", "samples.every=0", "samples.num_captions=2",
     "samples.eval_captions=2", "samples.num_inference_steps=2", "samples.psnr_images=2",
-]
+]  # keys of the `train` group (conf/train/testbed.yaml)
 
 
 def test_shipped_pipeline_loads_and_generates():
@@ -39,10 +39,11 @@ def test_missing_folder_gives_a_one_line_error(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_training_script_smoke_run(tmp_path):
+def test_training_experiment_smoke_run(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "experiments/train_testbed.py", f"out_dir={out}", *SMOKE],
+        [sys.executable, "run.py", "experiment=testbed_train", f"train.out_dir={out}", f"paths.outputs={tmp_path}",
+         *(f"train.{o}" for o in SMOKE)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,7 +55,7 @@ def test_training_script_smoke_run(tmp_path):
 def test_training_is_reproducible(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from hicache.testbed.train import run
+    from hicache.testbeds.flux_shapes.train import run
 
     # no wall-clock limit: with one, the learning rate also follows elapsed time and the run is not step-exact
     overrides = SMOKE + ["model.text_width=32", "model.num_single_layers=1", "vae.batch_size=2", "transformer.batch_size=4",

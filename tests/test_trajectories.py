@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hicache
-from hicache.tiny import tiny_flux_pipeline
+from hicache.testbeds.tiny.flux import tiny_flux_pipeline
 from hicache.trajectories import (
     TrajectoryRecorder,
     collect_pipeline_runs,

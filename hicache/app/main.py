@@ -23,9 +23,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def register_resolvers() -> None:
-    """``${hicache_root:}``: the checkout's root, so shipped models resolve from any working directory."""
+    """``${hicache_weights:}``: the shipped testbed weights (inside the installed package, so they resolve from any
+    working directory and from a non-editable install); ``${hicache_root:}``: the checkout's root."""
+    from hicache.testbeds import WEIGHTS_DIR
+
     if not OmegaConf.has_resolver("hicache_root"):
         OmegaConf.register_new_resolver("hicache_root", lambda: str(REPO_ROOT))
+    if not OmegaConf.has_resolver("hicache_weights"):
+        OmegaConf.register_new_resolver("hicache_weights", lambda: str(WEIGHTS_DIR))
 
 
 def apply_variant(cfg: DictConfig) -> DictConfig:
@@ -45,6 +50,10 @@ def apply_variant(cfg: DictConfig) -> DictConfig:
 def main(cfg: DictConfig) -> dict:
     """Run one job; a `SetupError` prints one line and exits with status 2."""
     try:
+        if cfg.get("train") is not None:  # experiment=*_train: train a testbed
+            from .training import run_train
+
+            return run_train(cfg)
         if cfg.get("collect") is not None:  # experiment=collect_features: record trajectories, no caching
             from .collect import run_collect
 

@@ -141,7 +141,7 @@ def _any_diffusers(model: DictConfig):
 @register_loader("tiny_flux")
 def _tiny_flux(model: DictConfig):
     """A random tiny FluxPipeline built in memory (tests and smoke runs; no files needed)."""
-    from hicache.tiny import tiny_flux_pipeline
+    from hicache.testbeds.tiny.flux import tiny_flux_pipeline
 
     pipe = tiny_flux_pipeline(seed=int(model.get("seed", 0)), num_layers=int(model.get("num_layers", 1)),
                               num_single_layers=int(model.get("num_single_layers", 1)))

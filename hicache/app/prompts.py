@@ -92,9 +92,9 @@ def _from_hub(data: DictConfig) -> list[str]:
 
 def _from_testbed(data: DictConfig) -> list[str]:
     try:
-        from hicache.testbed import heldout_captions
+        from hicache.testbeds.flux_shapes import heldout_captions
     except ImportError:
-        raise SetupError("data=testbed_heldout needs the testbed package hicache.testbed (issue 3) on this checkout") from None
+        raise SetupError("data=testbed_heldout needs the testbed package hicache.testbeds.flux_shapes (issue 3) on this checkout") from None
     return list(heldout_captions(int(data.n), int(data.seed)))
 
 

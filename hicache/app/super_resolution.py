@@ -2,7 +2,7 @@
 
 The rows of an SR table are scored against the full sampler's output, so unlike the text-to-image
 experiments (one Hydra job per variant) all variants run in one job, over the same images. The work
-itself is `hicache.models.inf_dit.sr_experiment`; this module maps the composed config onto it, turns
+itself is `hicache.app.sr_experiment`; this module maps the composed config onto it, turns
 its setup errors into the app's one-line errors, and reports the rows to the configured logger.
 """
 
@@ -26,7 +26,7 @@ SR_MODEL_KINDS = {"inf_dit": "released", "inf_dit_testbed": "testbed"}
 
 def run_sr(cfg: DictConfig) -> list[dict]:
     """Run every variant of ``cfg.sr`` on the configured HR images; write results.json/.md; the rows."""
-    from hicache.models.inf_dit.sr_experiment import (SRSetupError, load_hr_images, load_sr_pipeline,
+    from hicache.app.sr_experiment import (SRSetupError, load_hr_images, load_sr_pipeline,
                                                       resolve_variants, run_table, testbed_data_source)
 
     model = cfg.model

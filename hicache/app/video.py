@@ -3,7 +3,7 @@
 Registered through the app's extension points, so the runner is the same for images and videos:
 
 - loaders ``hunyuan_video`` (`HunyuanVideoPipeline` from ``model.path``) and ``tiny_hunyuan_video``
-  (the random tiny pipeline of `hicache.tiny_video`, written to ``model.path`` once, then loaded
+  (the random tiny pipeline of `hicache.testbeds.tiny.hunyuan_video`, written to ``model.path`` once, then loaded
   with ``from_pretrained`` exactly like the real one);
 - output kind ``video``: frames as a ``(T, H, W, 3)`` uint8 array, stored as *lossless* RGB H.264
   (libx264rgb, crf 0) so that a reference read back from disk is bit-identical and PSNR/SSIM/LPIPS
@@ -138,7 +138,7 @@ def _tiny_hunyuan_video(model: DictConfig):
     """The random tiny HunyuanVideoPipeline, saved to ``model.path`` on first use and loaded from there."""
     from diffusers import HunyuanVideoPipeline
 
-    from hicache.tiny_video import save_tiny_hunyuan_video_pipeline
+    from hicache.testbeds.tiny.hunyuan_video import save_tiny_hunyuan_video_pipeline
 
     if not model.get("path"):
         raise SetupError("model=tiny_hunyuan_video needs model.path=<folder to write the tiny pipeline to>")

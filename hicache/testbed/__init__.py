@@ -1,51 +1,11 @@
-"""A small trained FLUX-architecture testbed shipped in the repo: captioned shapes at 64 px.
+"""Moved to `hicache.testbeds.flux_shapes` (kept for one release): the FLUX testbed's code now lives with the
+other testbeds, and its weights in `hicache/testbeds/weights/flux_shapes/`."""
 
-    from diffusers import FluxPipeline
-    from hicache.testbed import TESTBED_DIR, PIPELINE_CALL_KWARGS, check, heldout_captions
-    pipe = FluxPipeline.from_pretrained(TESTBED_DIR)
-    caption = heldout_captions(1)[0]
-    image = pipe(caption, num_inference_steps=50, **PIPELINE_CALL_KWARGS).images[0]
-    print(check(image, caption))   # {'shape': True, 'colour': True, ...}
+import warnings
 
-`PIPELINE_CALL_KWARGS` matters: the text encoders were trained on 24-token prompts, and
-`FluxPipeline` pads T5 prompts to 512 tokens unless told otherwise.
-"""
+from hicache._moved import REMOVED_IN
+from hicache.testbeds.flux_shapes import *  # noqa: F401,F403
+from hicache.testbeds.flux_shapes import __all__  # noqa: F401
 
-from pathlib import Path
-
-from .build import MAX_TEXT_TOKENS
-from .checker import accuracy, check
-from .dataset import RESOLUTION, Scene, ShapesDataset, heldout_captions, heldout_scenes, parse_caption, render
-
-TESTBED_DIR = Path(__file__).resolve().parents[2] / "testbeds" / "flux_shapes"
-
-PIPELINE_CALL_KWARGS = dict(height=RESOLUTION, width=RESOLUTION, max_sequence_length=MAX_TEXT_TOKENS, guidance_scale=1.0)
-
-
-def load_pipeline(folder: str | Path = TESTBED_DIR, **kwargs):
-    """The shipped testbed as a `FluxPipeline`, or a one-line error saying where it should be."""
-    from diffusers import FluxPipeline
-
-    folder = Path(folder)
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"testbed pipeline not found: expected a FluxPipeline folder with model_index.json at {folder} "
-            "(train one with `python experiments/train_testbed.py export_dir=testbeds/flux_shapes`)"
-        )
-    return FluxPipeline.from_pretrained(folder, **kwargs)
-
-
-__all__ = [
-    "PIPELINE_CALL_KWARGS",
-    "RESOLUTION",
-    "Scene",
-    "ShapesDataset",
-    "TESTBED_DIR",
-    "accuracy",
-    "check",
-    "heldout_captions",
-    "heldout_scenes",
-    "load_pipeline",
-    "parse_caption",
-    "render",
-]
+warnings.warn(f"`hicache.testbed` moved to `hicache.testbeds.flux_shapes`; the old path will be removed in hicache "
+              f"{REMOVED_IN}", FutureWarning, stacklevel=2)

@@ -70,9 +70,9 @@ def _image_reward(options: DictConfig, device: torch.device) -> Metric:
 def _checker(options: DictConfig, device: torch.device) -> Metric:
     """The testbed's attribute checker: the fraction of the caption's attributes the image shows."""
     try:
-        from hicache.testbed import check
+        from hicache.testbeds.flux_shapes import check
     except ImportError:
-        raise SetupError("metrics.checker needs the testbed package hicache.testbed (issue 3) on this checkout") from None
+        raise SetupError("metrics.checker needs the testbed package hicache.testbeds.flux_shapes (issue 3) on this checkout") from None
 
     def accuracy(output, prompt: str) -> float:
         verdicts = check(output, prompt)

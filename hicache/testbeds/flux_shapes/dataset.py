@@ -1,0 +1,274 @@
+"""Procedural captioned shape images, deterministic by seed and index.
+
+The testbed needs data that is (a) free to generate on a machine with no downloads, (b) captioned
+by a small grammar so a word-level tokenizer covers every prompt, and (c) checkable: every caption
+word maps to a measurable property of the image (see `checker.py`). A scene has one or two shapes,
+each with a shape kind, colour, size and grid position, on a plain, gradient or striped background.
+
+Held-out captions are split off by a hash of the caption text, so the training sampler never sees a
+held-out caption and the split needs no stored list.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+RESOLUTION = 64
+_SUPERSAMPLE = 4
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 220, 40),
+    "purple": (150, 60, 200),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+SIZES = {"small": 5.0, "large": 9.0}  # half-extent in pixels at 64 px
+ROWS = ("top", "middle", "bottom")
+COLS = ("left", "center", "right")
+POSITIONS: dict[tuple[int, int], str] = {
+    (0, 0): "at the top left",
+    (0, 1): "at the top",
+    (0, 2): "at the top right",
+    (1, 0): "on the left",
+    (1, 1): "in the center",
+    (1, 2): "on the right",
+    (2, 0): "at the bottom left",
+    (2, 1): "at the bottom",
+    (2, 2): "at the bottom right",
+}
+BACKGROUNDS = ("plain", "gradient", "striped")
+DARK_SHADE = 0.5  # gradients and stripes run from the colour to this fraction of it
+STRIPE_PERIOD = 16  # pixels at 64 px
+JITTER = 1.5  # max centre offset from the grid cell centre, pixels
+TWO_SHAPE_PROB = 0.3
+HELDOUT_MODULUS = 8  # a caption is held out when crc32(caption) % HELDOUT_MODULUS == 0
+
+VOCABULARY = sorted(
+    set("a and at the on in of background".split())
+    | set(COLOURS)
+    | set(SHAPES)
+    | set(SIZES)
+    | set(BACKGROUNDS)
+    | {w for phrase in POSITIONS.values() for w in phrase.split()}
+)
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    shape: str
+    colour: str
+    size: str
+    cell: tuple[int, int]  # (row, col) in the 3x3 grid
+    offset: tuple[float, float] = (0.0, 0.0)  # (dy, dx) jitter in pixels; not in the caption
+
+    @property
+    def phrase(self) -> str:
+        return f"a {self.size} {self.colour} {self.shape} {POSITIONS[self.cell]}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    shapes: tuple[ShapeSpec, ...]
+    background_colour: str
+    background_style: str
+
+    @property
+    def caption(self) -> str:
+        objects = " and ".join(s.phrase for s in self.shapes)
+        return f"{objects} on a {self.background_colour} {self.background_style} background"
+
+
+def cell_centre(cell: tuple[int, int], resolution: int = RESOLUTION) -> tuple[float, float]:
+    """(y, x) centre of a 3x3 grid cell in pixels."""
+    third = resolution / 3
+    return (cell[0] + 0.5) * third, (cell[1] + 0.5) * third
+
+
+def _half_extents(spec: ShapeSpec) -> tuple[float, float]:
+    """(half height, half width) of the shape's bounding box, pixels at 64 px."""
+    s = SIZES[spec.size]
+    if spec.shape == "star":
+        r = 1.15 * s
+        return r * (1 + math.cos(math.pi / 5)) / 2, r * math.sin(2 * math.pi / 5)
+    return s, s
+
+
+def _overlaps(a: ShapeSpec, b: ShapeSpec, margin: float = 2.0) -> bool:
+    (ay, ax), (by, bx) = cell_centre(a.cell), cell_centre(b.cell)
+    ay, ax, by, bx = ay + a.offset[0], ax + a.offset[1], by + b.offset[0], bx + b.offset[1]
+    (ah, aw), (bh, bw) = _half_extents(a), _half_extents(b)
+    return abs(ay - by) < ah + bh + margin and abs(ax - bx) < aw + bw + margin
+
+
+def is_heldout(caption: str) -> bool:
+    return zlib.crc32(caption.encode()) % HELDOUT_MODULUS == 0
+
+
+def random_scene(rng: np.random.Generator, num_shapes: int | None = None) -> Scene:
+    """One scene from the full distribution (held-out captions included)."""
+    if num_shapes is None:
+        num_shapes = 2 if rng.random() < TWO_SHAPE_PROB else 1
+    colours = list(COLOURS)
+    while True:
+        picked = rng.choice(len(colours), size=num_shapes + 1, replace=False)
+        cells = rng.choice(9, size=num_shapes, replace=False)
+        shapes = tuple(
+            ShapeSpec(
+                shape=SHAPES[rng.integers(len(SHAPES))],
+                colour=colours[picked[i]],
+                size=list(SIZES)[rng.integers(len(SIZES))],
+                cell=(int(cells[i]) // 3, int(cells[i]) % 3),
+                offset=tuple(float(v) for v in rng.uniform(-JITTER, JITTER, size=2)),
+            )
+            for i in range(num_shapes)
+        )
+        if num_shapes == 2 and _overlaps(*shapes):
+            continue
+        return Scene(shapes, colours[picked[-1]], BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
+
+
+def training_scene(seed: int, index: int) -> Scene:
+    """Scene `index` of the training stream of `seed`; never has a held-out caption."""
+    rng = np.random.default_rng([seed, index])
+    while True:
+        scene = random_scene(rng)
+        if not is_heldout(scene.caption):
+            return scene
+
+
+def heldout_scenes(n: int, seed: int = 0) -> list[Scene]:
+    """`n` scenes with distinct held-out captions, deterministic in `seed`."""
+    rng = np.random.default_rng([seed, 0x4E1D])
+    scenes, seen = [], set()
+    while len(scenes) < n:
+        scene = random_scene(rng)
+        if is_heldout(scene.caption) and scene.caption not in seen:
+            seen.add(scene.caption)
+            scenes.append(scene)
+    return scenes
+
+
+def heldout_captions(n: int = 64, seed: int = 0) -> list[str]:
+    return [s.caption for s in heldout_scenes(n, seed)]
+
+
+def _star_points(cy: float, cx: float, r: float, inner: float = 0.45) -> list[tuple[float, float]]:
+    # centred on its bounding box, so the caption's position refers to the visible extent
+    top, bottom = -r, r * math.cos(math.pi / 5)
+    shift = (top + bottom) / 2
+    points = []
+    for k in range(10):
+        radius = r if k % 2 == 0 else r * inner
+        angle = math.pi * k / 5
+        points.append((cx + radius * math.sin(angle), cy - radius * math.cos(angle) - shift))
+    return points
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, spec: ShapeSpec, scale: float) -> None:
+    cy, cx = cell_centre(spec.cell)
+    cy, cx = (cy + spec.offset[0]) * scale, (cx + spec.offset[1]) * scale
+    s = SIZES[spec.size] * scale
+    fill = COLOURS[spec.colour]
+    if spec.shape == "circle":
+        draw.ellipse([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    elif spec.shape == "square":
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    elif spec.shape == "triangle":
+        draw.polygon([(cx, cy - s), (cx + s, cy + s), (cx - s, cy + s)], fill=fill)
+    elif spec.shape == "star":
+        draw.polygon(_star_points(cy, cx, 1.15 * s), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {spec.shape!r}")
+
+
+def _background(colour: str, style: str, size: int) -> np.ndarray:
+    base = np.asarray(COLOURS[colour], dtype=np.float32)
+    y = (np.arange(size, dtype=np.float32) + 0.5) / size
+    if style == "plain":
+        factor = np.ones_like(y)
+    elif style == "gradient":
+        factor = 1.0 - (1.0 - DARK_SHADE) * y
+    elif style == "striped":
+        factor = np.where((y * RESOLUTION) % STRIPE_PERIOD < STRIPE_PERIOD / 2, 1.0, DARK_SHADE)
+    else:
+        raise ValueError(f"unknown background style {style!r}")
+    rows = factor[:, None] * base[None, :]
+    return np.broadcast_to(rows[:, None, :], (size, size, 3)).astype(np.uint8)
+
+
+def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
+    """The scene as an RGB image (drawn supersampled, then box-filtered, for clean edges)."""
+    big = resolution * _SUPERSAMPLE
+    image = Image.fromarray(_background(scene.background_colour, scene.background_style, big))
+    draw = ImageDraw.Draw(image)
+    for spec in scene.shapes:
+        _draw_shape(draw, spec, big / RESOLUTION)
+    return image.resize((resolution, resolution), Image.BOX)
+
+
+def shape_mask(scene: Scene, resolution: int = RESOLUTION) -> np.ndarray:
+    """Per-pixel shape coverage in [0, 1] (anti-aliased like `render`), e.g. to weight a loss."""
+    big = resolution * _SUPERSAMPLE
+    layer = Image.new("RGB", (big, big))
+    draw = ImageDraw.Draw(layer)
+    for spec in scene.shapes:
+        _draw_shape(draw, ShapeSpec(spec.shape, "white", spec.size, spec.cell, spec.offset), big / RESOLUTION)
+    coverage = np.asarray(layer.convert("L").resize((resolution, resolution), Image.BOX), dtype=np.float32)
+    return coverage / coverage.max() if coverage.max() > 0 else coverage
+
+
+_POSITION_ALT = "|".join(re.escape(p) for p in POSITIONS.values())
+_OBJECT_RE = re.compile(
+    rf"a (?P<size>{'|'.join(SIZES)}) (?P<colour>{'|'.join(COLOURS)}) (?P<shape>{'|'.join(SHAPES)}) "
+    rf"(?P<position>{_POSITION_ALT})"
+)
+_CAPTION_RE = re.compile(
+    rf"^(?P<objects>.+) on a (?P<bg_colour>{'|'.join(COLOURS)}) (?P<bg_style>{'|'.join(BACKGROUNDS)}) background$"
+)
+_CELL_OF = {phrase: cell for cell, phrase in POSITIONS.items()}
+
+
+def parse_caption(caption: str) -> Scene:
+    """Inverse of `Scene.caption` (jitter is not in the caption, so offsets are zero)."""
+    text = " ".join(caption.lower().strip().rstrip(".").split())
+    match = _CAPTION_RE.match(text)
+    if not match:
+        raise ValueError(f"caption is not in the testbed grammar: {caption!r}")
+    parts = match["objects"].split(" and ")
+    shapes = []
+    for part in parts:
+        obj = _OBJECT_RE.fullmatch(part)
+        if not obj:
+            raise ValueError(f"object phrase {part!r} is not in the testbed grammar")
+        shapes.append(ShapeSpec(obj["shape"], obj["colour"], obj["size"], _CELL_OF[obj["position"]]))
+    return Scene(tuple(shapes), match["bg_colour"], match["bg_style"])
+
+
+class ShapesDataset:
+    """Endless, indexable training stream: item i is (image, caption), a pure function of (seed, i).
+
+    `length` only bounds `__len__` for samplers and DataLoaders; any index is valid.
+    """
+
+    def __init__(self, seed: int = 0, length: int = 100_000, resolution: int = RESOLUTION):
+        self.seed, self.length, self.resolution = seed, length, resolution
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene(self, index: int) -> Scene:
+        return training_scene(self.seed, index)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, str]:
+        scene = self.scene(index)
+        return render(scene, self.resolution), scene.caption

@@ -146,3 +146,14 @@ def test_reset_cache_starts_a_new_loop_when_nothing_else_can_tell():
                 model(torch.tensor(float(i)))
             hicache.reset_cache(model)  # inside the context: the next loop still runs in it
     assert model[0].calls == 3
+
+
+def test_the_readmes_sd3_recipe_checks_out_and_its_wrong_variant_is_named(sd3):
+    model, inputs, x = sd3
+    example = dict(hidden_states=x, timestep=torch.tensor([500.0]), **inputs)
+    recipe = hicache.Recipe(name="sd3", forecast=[r"transformer_blocks\.\d+\.(attn|ff|ff_context)"],
+                            skip_broadcast=[r"transformer_blocks\.\d+\.norm2"])
+    assert hicache.check_recipe(model, recipe, example).ok
+    wrong = hicache.Recipe(name="sd3_wrong", forecast=[r"transformer_blocks\.\d+\.(attn|ff)"],
+                           skip=[r"transformer_blocks\.\d+\.norm1"])
+    assert list(hicache.check_recipe(model, wrong, example).live) == ["transformer_blocks.0.norm1", "transformer_blocks.1.norm1"]

@@ -146,8 +146,8 @@ class StepHook(ModelHook):
             return None
         index, name = self._timestep_at
         value = kwargs.get(name, args[index] if index < len(args) else None)
-        if isinstance(value, torch.Tensor) and value.numel() > 0:
-            return float(value.detach().max())
+        if isinstance(value, torch.Tensor):  # a meta tensor (FLOP counting) has no value to compare
+            return float(value.detach().max()) if value.numel() > 0 and not value.is_meta else None
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)
         return None

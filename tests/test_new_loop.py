@@ -157,3 +157,15 @@ def test_the_readmes_sd3_recipe_checks_out_and_its_wrong_variant_is_named(sd3):
     wrong = hicache.Recipe(name="sd3_wrong", forecast=[r"transformer_blocks\.\d+\.(attn|ff)"],
                            skip=[r"transformer_blocks\.\d+\.norm1"])
     assert list(hicache.check_recipe(model, wrong, example).live) == ["transformer_blocks.0.norm1", "transformer_blocks.1.norm1"]
+
+
+def test_a_meta_timestep_is_not_read():
+    """FLOP counting runs the cached model on the meta device, where a timestep has no value to compare."""
+    from hicache.hooks import StepHook
+    from hicache.schedule import Schedule
+
+    hook = StepHook(Schedule())
+    hook.initialize_hook(Clock())
+    assert hook._timestep((torch.zeros(1), torch.tensor(0.5)), {}) == 0.5
+    assert hook._timestep((), {"timestep": torch.tensor([3.0, 7.0])}) == 7.0
+    assert hook._timestep((torch.zeros(1),), {"timestep": torch.full((1,), 0.5, device="meta")}) is None

@@ -7,6 +7,7 @@
 """
 
 from .api import CacheHandle, CacheSummary, apply_cache, cache_context, cache_summary, remove_cache, reset_cache
+from .check import RecipeReport, candidate_modules, check_recipe
 from .config import CacheConfig
 from .forecast import METHODS
 from .recipes import Recipe, available_recipes, get_recipe, register_recipe
@@ -17,10 +18,13 @@ __all__ = [
     "CacheSummary",
     "METHODS",
     "Recipe",
+    "RecipeReport",
     "apply_cache",
     "available_recipes",
     "cache_context",
     "cache_summary",
+    "candidate_modules",
+    "check_recipe",
     "get_recipe",
     "register_recipe",
     "remove_cache",

@@ -13,7 +13,7 @@ from diffusers.hooks.hooks import CacheContext
 
 from .config import CacheConfig
 from .hooks import (FORECAST_HOOK, HOOK_NAMES, LIVE_CHUNKS_HOOK, SKIP_HOOK, STAND_IN_SHAPE_OF_ROLE, STEP_HOOK, ForecastHook,
-                    LiveChunksHook, SkipHook, StepHook, ZeroPool, register)
+                    LiveChunksHook, SkipHook, StepHook, ZeroPool, pipeline_step_count, register)
 from .recipes import Recipe, get_recipe
 
 logger = logging.getLogger(__name__)
@@ -69,13 +69,16 @@ class CacheSummary:
         return "\n".join(lines)
 
 
-def apply_cache(model: torch.nn.Module, config: CacheConfig, recipe: str | Recipe = "flux") -> CacheHandle:
-    """Attach the cache described by ``config`` to ``model`` (a diffusers transformer or any module).
+def apply_cache(model, config: CacheConfig, recipe: str | Recipe = "flux") -> CacheHandle:
+    """Attach the cache described by ``config`` to ``model`` (a diffusers transformer or any module), or to a
+    diffusers pipeline's ``transformer``, in which case each call's step count is the pipeline's own (what
+    ``final_full_steps`` needs: diffusers pipelines do not put it in their cache context).
 
     ``recipe`` is a registered name ("flux", ...) or a `Recipe` of forecast and skip regexes. Calls of
-    ``model`` must run inside a cache context: diffusers pipelines open one (``cache_context("cond")``);
-    elsewhere use `hicache.cache_context(model, "cond")`.
+    ``model`` must run inside a cache context: diffusers pipelines open one (``cache_context("cond")``) for
+    `CacheMixin` models; elsewhere use `hicache.cache_context(model, "cond")` around the call or the loop.
     """
+    pipe, model = (None, model) if isinstance(model, torch.nn.Module) else (model, _model_of(model))
     if not isinstance(config, CacheConfig):
         raise TypeError(f"config must be a hicache.CacheConfig, got {type(config).__name__}")
     if hasattr(model, _HANDLE_ATTR):
@@ -101,7 +104,7 @@ def apply_cache(model: torch.nn.Module, config: CacheConfig, recipe: str | Recip
         modules = dict(model.named_modules())
         for name in chunked:  # before any hook is attached: a bad recipe leaves the model untouched
             _check_live_chunks(recipe, name, modules[name])
-        handle.step_hook = StepHook(config.schedule)
+        handle.step_hook = StepHook(config.schedule, pipeline_step_count(pipe) if pipe is not None else None)
         register(model, handle.step_hook, STEP_HOOK)
         steps = handle.step_hook.state_manager
         for name in forecast:
@@ -121,8 +124,9 @@ def apply_cache(model: torch.nn.Module, config: CacheConfig, recipe: str | Recip
     return handle
 
 
-def remove_cache(model: torch.nn.Module) -> None:
+def remove_cache(model) -> None:
     """Detach everything `apply_cache` attached; the model computes exactly as before."""
+    model = _model_of(model)
     handle = getattr(model, _HANDLE_ATTR, None)
     if handle is None:
         raise ValueError("hicache is not applied to this model")
@@ -134,21 +138,33 @@ def remove_cache(model: torch.nn.Module) -> None:
     delattr(model, _HANDLE_ATTR)
 
 
-def reset_cache(model: torch.nn.Module) -> None:
-    """Forget every context's history (pipelines do this themselves at the end of each call)."""
+def reset_cache(model) -> None:
+    """Forget every context's step counter and history, so the next call starts a fresh sampling loop.
+
+    Rarely needed: diffusers pipelines reset `CacheMixin` models at the end of each call, and the step hook
+    starts afresh when a new loop begins (``step_index=0`` in the cache context, or a timestep that moves back
+    up). Call it between loops that give neither, e.g. a custom loop over a model without a ``timestep``
+    argument, or before reusing a model whose last call was interrupted under such a loop.
+    """
     handle = _handle(model)
     for manager in handle.state_managers():
+        try:
+            context = manager.context
+        except ValueError:  # no context open
+            context = None
         manager.reset()
+        manager.set_context(context)  # called inside a context: the next forward still runs in it
     for hook in handle.forecast_hooks.values():
         hook._bytes.clear()
     handle.zero_pool.clear()
 
 
-def cache_summary(model: torch.nn.Module, num_inference_steps: int | None = None) -> CacheSummary:
-    """Full and cached steps, hooked modules and peak cache memory of the cache on ``model``."""
+def cache_summary(model, num_inference_steps: int | None = None) -> CacheSummary:
+    """Full and cached steps, hooked modules and peak cache memory of the cache on ``model``; the step count is
+    the one given, else the config's, else that of the last call that ran."""
     handle = _handle(model)
     cfg = handle.config
-    n = num_inference_steps or cfg.num_inference_steps
+    n = num_inference_steps or cfg.num_inference_steps or (handle.step_hook.last_num_steps if handle.step_hook else None)
     full = cached = speedup = None
     if n is not None:
         if cfg.method == "none":
@@ -174,7 +190,7 @@ def cache_summary(model: torch.nn.Module, num_inference_steps: int | None = None
 
 
 @contextmanager
-def cache_context(model: torch.nn.Module, name: str, **kwargs):
+def cache_context(model, name: str, **kwargs):
     """The cache context for models that are not diffusers `CacheMixin`s (toy modules, custom loops)."""
     handle = _handle(model)
     context = CacheContext(name, **kwargs)
@@ -198,8 +214,18 @@ def _check_live_chunks(recipe: Recipe, name: str, module: torch.nn.Module) -> No
                          f"not divisible into {num_chunks} chunks")
 
 
-def _handle(model: torch.nn.Module) -> CacheHandle:
-    handle = getattr(model, _HANDLE_ATTR, None)
+def _model_of(obj) -> torch.nn.Module:
+    """The model itself, or a pipeline's ``transformer``."""
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    transformer = getattr(obj, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        raise ValueError(f"hicache caches a torch.nn.Module or a pipeline's .transformer; got a {type(obj).__name__}")
+    return transformer
+
+
+def _handle(model) -> CacheHandle:
+    handle = getattr(_model_of(model), _HANDLE_ATTR, None)
     if handle is None:
         raise ValueError("hicache is not applied to this model; call hicache.apply_cache first")
     return handle

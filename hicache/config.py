@@ -7,6 +7,8 @@ Experiments are composed by Hydra from plain values, so the dtype may be given a
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -16,15 +18,34 @@ from .forecast import METHODS, AnalyticSigma
 from .schedule import Schedule
 
 ALL_METHODS = ("none",) + METHODS
+# HiCache's order-i weight sigma^i H_i(sigma k) / i! grows like (2 sigma^2 k)^i / i!: Taylor's with the step k
+# stretched 2 sigma^2 times. The paper's contraction range is (0, 1] (sigma = 1/sqrt(2) is Taylor's own step,
+# sigma = 1 "no contraction" doubles it); sigma = 2 stretches it 8-fold, past any useful forecast, and much
+# larger values overflow the forecast to inf/NaN. So sigma (and the analytic mode's sigma_max) must be in (0, 2].
+SIGMA_MAX = 2.0
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    """Counts must be ints: a float would be truncated silently (2.7 -> 2), a bool is a mistake."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_sigma(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= SIGMA_MAX:
+        raise ValueError(f"{name} must be a number in (0, {SIGMA_MAX:g}] (the paper uses 0.3-1.0), got {value!r}")
 
 
 def _as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
+    if value is None:
         return value
-    name = str(value).removeprefix("torch.")
-    dtype = getattr(torch, name, None)
+    dtype = value if isinstance(value, torch.dtype) else getattr(torch, str(value).removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"factor_dtype {value!r} is not a torch dtype (try 'float32' or 'bfloat16')")
+    if not dtype.is_floating_point:
+        raise ValueError(f"factor_dtype {value!r} is not a floating dtype (try 'float32' or 'bfloat16')")
     return dtype
 
 
@@ -37,12 +58,12 @@ class CacheConfig:
         interval: N, the distance between full steps after warm-up.
         warmup: W, the first W steps are full; differences are formed from step W-1 on.
         order: O, the highest divided difference kept (ignored by "fora").
-        sigma: the dual-scaling factor of "hicache" and "hi_taylor" (> 0).
-        full_steps: an explicit list of full steps, replacing the interval rule (must hold 0).
-        final_full_steps: force the last K steps full (needs the step count, from
-            `num_inference_steps` or from the pipeline's cache context).
+        sigma: the dual-scaling factor of "hicache" and "hi_taylor", in (0, 2] (see `SIGMA_MAX`).
+        full_steps: an explicit list of full steps (ints), replacing the interval rule (must hold 0).
+        final_full_steps: force the last K steps full (needs the step count: `num_inference_steps`,
+            the cache context's, or the pipeline's when the cache is applied to the pipeline).
         num_inference_steps: the number of denoising steps, if known in advance.
-        factor_dtype: dtype of the stored differences (float32 by default, whatever the model's).
+        factor_dtype: floating dtype of the stored differences (float32 by default, whatever the model's).
         analytic_alpha, analytic_sigma_max, analytic_beta, analytic_eps: "hicache_analytic" knobs.
     """
 
@@ -64,12 +85,19 @@ class CacheConfig:
     def __post_init__(self):
         if self.method not in ALL_METHODS:
             raise ValueError(f"unknown cache method {self.method!r}; expected one of {', '.join(ALL_METHODS)}")
-        if not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
-        if self.order < 0:
-            raise ValueError(f"order must be >= 0, got {self.order}")
-        if not (self.analytic_alpha > 0 and self.analytic_sigma_max > 0 and 0 < self.analytic_beta <= 1):
-            raise ValueError("hicache_analytic needs alpha > 0, sigma_max > 0 and 0 < beta <= 1")
+        _check_sigma("sigma", self.sigma)
+        _check_int("order", self.order, 0)
+        _check_int("interval", self.interval, 1)
+        _check_int("warmup", self.warmup, 1)
+        _check_int("final_full_steps", self.final_full_steps, 0)
+        if self.num_inference_steps is not None:
+            _check_int("num_inference_steps", self.num_inference_steps, 1)
+        if self.full_steps is not None:
+            for step in self.full_steps:
+                _check_int("every entry of full_steps", step, 0)
+        _check_sigma("analytic_sigma_max", self.analytic_sigma_max)
+        if not (math.isfinite(self.analytic_alpha) and self.analytic_alpha > 0 and 0 < self.analytic_beta <= 1):
+            raise ValueError("hicache_analytic needs a finite alpha > 0 and 0 < beta <= 1")
         self.factor_dtype = _as_dtype(self.factor_dtype)
         self.schedule = Schedule(
             interval=int(self.interval),

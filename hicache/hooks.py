@@ -15,13 +15,21 @@ Four hooks, one concern each, all on diffusers' own `HookRegistry`:
   modulation: the gates) multiplies only those rows of its weight at cached steps.
 
 State is per cache context ("cond", "uncond", ...) through `StateManager`, so classifier-free
-guidance branches never mix, and pipelines reset it at the end of every call
-(`maybe_free_model_hooks`), so two calls in a row give the same output.
+guidance branches never mix. diffusers pipelines reset it at the end of every call
+(`maybe_free_model_hooks`), but only for `CacheMixin` models and only if the call finishes; so the step
+hook also starts a fresh sampling loop by itself when a new one begins (`StepHook.starts_new_loop`): a
+call interrupted mid-loop, a model outside `CacheMixin` or a custom loop never carries a stale step
+counter or history into the next call.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+import itertools
+import numbers
+import warnings
+import weakref
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +61,12 @@ def stand_in_shape(shape: torch.Size, kind: str) -> torch.Size:
     return torch.Size((1,) * (len(shape) - 1) + shape[-1:])
 
 
+# Each sampling loop of each context gets a fresh id; a submodule's state from another loop is reset on first use.
+_LOOP_IDS = itertools.count()
+# Names under which diffusers transformers (and most custom denoisers) take the diffusion timestep.
+TIMESTEP_ARGS = ("timestep", "timesteps")
+
+
 class StepState(BaseState):
     def __init__(self):
         self.reset()
@@ -60,31 +74,135 @@ class StepState(BaseState):
     def reset(self) -> None:
         self.step = -1
         self.is_full = True
+        self.num_steps: int | None = None  # the step count of this loop, if known
+        self.timestep: float | None = None  # the last step's timestep, if the model takes one
+        self.direction = 0  # +1 or -1 once the timestep has moved within this loop
+        self.loop = next(_LOOP_IDS)
 
 
 class StepHook(ModelHook):
+    """Counts the root module's forwards as steps and decides which are full.
+
+    A new sampling loop starts fresh (step 0, empty histories) when the cache context says it is step 0
+    (``step_index=0``) or when the timestep moves against the way it moved so far in this loop (down in
+    every diffusers pipeline: a new call starts at the highest noise again). The timestep is read from the
+    model's ``timestep`` argument (one host sync per step on GPUs); a model without one, driven by a loop that
+    gives no ``step_index``, is reset only by pipelines at the end of a call or by `hicache.reset_cache`.
+
+    The step count, which ``final_full_steps`` needs, comes from the cache context (``num_inference_steps``),
+    else from the pipeline the cache was applied to (``num_steps_of_call``), else from the config.
+    """
+
     _is_stateful = True
 
-    def __init__(self, schedule: Schedule):
+    def __init__(self, schedule: Schedule, num_steps_of_call: Callable[[], int | None] | None = None):
         super().__init__()
         self.schedule = schedule
+        self.num_steps_of_call = num_steps_of_call
         self.state_manager = StateManager(StepState)
         self.full_forwards = 0
         self.cached_forwards = 0
+        self.last_num_steps: int | None = None
+        self._timestep_at: tuple[int, str] | None = None
+        self._warned: set[int] = set()
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._timestep_at = _timestep_parameter(module)
+        return module
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        try:
+            context = self.state_manager.context
+        except ValueError:
+            raise ValueError(
+                f"hicache: {type(module).__name__} was called outside a cache context; wrap the call (or the whole "
+                "pipeline call) in `with hicache.cache_context(model, 'cond'):`") from None
         state: StepState = self.state_manager.get_state()
+        timestep = self._timestep(args, kwargs)
+        if state.step >= 0 and self.starts_new_loop(state, context.step_index, timestep):
+            state.reset()
+        if state.step < 0:
+            state.num_steps = self._num_steps(context)
+        if timestep is not None:
+            if state.timestep is not None and state.direction == 0 and timestep != state.timestep:
+                state.direction = 1 if timestep > state.timestep else -1
+            state.timestep = timestep
         state.step += 1
-        state.is_full = self.schedule.is_full(state.step, self.state_manager.context.num_inference_steps)
+        state.is_full = self.schedule.is_full(state.step, state.num_steps)
         if state.is_full:
             self.full_forwards += 1
         else:
             self.cached_forwards += 1
         return args, kwargs
 
+    @staticmethod
+    def starts_new_loop(state: StepState, step_index: int | None, timestep: float | None) -> bool:
+        if step_index is not None:
+            return step_index == 0
+        return timestep is not None and state.timestep is not None and (timestep - state.timestep) * state.direction < 0
+
+    def _timestep(self, args: tuple, kwargs: dict) -> float | None:
+        if self._timestep_at is None:
+            return None
+        index, name = self._timestep_at
+        value = kwargs.get(name, args[index] if index < len(args) else None)
+        if isinstance(value, torch.Tensor):  # a meta tensor (FLOP counting) has no value to compare
+            return float(value.detach().max()) if value.numel() > 0 and not value.is_meta else None
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        return None
+
+    def _num_steps(self, context) -> int | None:
+        """The step count of the loop that starts now (see the class docstring), checked against the config's."""
+        actual = context.num_inference_steps
+        if actual is None and self.num_steps_of_call is not None:
+            actual = self.num_steps_of_call()
+        configured = self.schedule.num_steps
+        if actual is not None and configured is not None and actual != configured:
+            raise ValueError(f"hicache: CacheConfig(num_inference_steps={configured}) but this call runs {actual} steps; "
+                             "leave num_inference_steps out of the config (the call's count is used) or make them match")
+        num_steps = actual if actual is not None else configured
+        if num_steps is None and self.schedule.final_full_steps:
+            raise ValueError(
+                f"hicache: final_full_steps={self.schedule.final_full_steps} needs the number of steps, which this call "
+                "does not give: apply the cache to the pipeline (hicache.apply_cache(pipe, ...)), or pass "
+                "num_inference_steps to CacheConfig or to the cache context")
+        if num_steps is not None:
+            self.last_num_steps = num_steps
+            if num_steps not in self._warned:
+                self._warned.add(num_steps)
+                message = self.schedule.sparse_warning(num_steps)
+                if message:
+                    warnings.warn(message, UserWarning, stacklevel=2)
+        return num_steps
+
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state_manager.reset()
         return module
+
+
+def _timestep_parameter(module: torch.nn.Module) -> tuple[int, str] | None:
+    """(position among the call's positional arguments, name) of the root module's timestep argument, if any."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for index, parameter in enumerate(parameters):
+        if parameter.name in TIMESTEP_ARGS:
+            return index, parameter.name
+    return None
+
+
+def pipeline_step_count(pipe) -> Callable[[], int | None]:
+    """The step count of a diffusers pipeline's current call: ``num_timesteps``, which every pipeline sets to
+    the length of its loop before entering it (an img2img call counts only the steps it runs)."""
+    ref = weakref.ref(pipe)
+
+    def count() -> int | None:
+        p = ref()
+        return None if p is None else getattr(p, "_num_timesteps", None)
+
+    return count
 
 
 def current_step(steps: StateManager, module_name: str) -> StepState:
@@ -109,6 +227,7 @@ def _as_tuple(output: Any, module_name: str) -> tuple[torch.Tensor | None, ...]:
 class ForecastState(BaseState):
     def __init__(self, config: CacheConfig):
         self.config = config
+        self.loop: int | None = None  # the sampling loop (`StepState.loop`) this history belongs to
         self.reset()
 
     def reset(self) -> None:
@@ -184,6 +303,7 @@ class SkipState(BaseState):
             raise ValueError(f"stand-in shape must be one of {', '.join(STAND_IN_SHAPES)}, got {shape!r}")
         self.pool = pool
         self.shape = shape
+        self.loop: int | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -216,6 +336,9 @@ class _CachedModuleHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         step = current_step(self.steps, self.module_name)
         state = self.state_manager.get_state()
+        if state.loop != step.loop:  # a new sampling loop: nothing recorded in another one applies
+            state.reset()
+            state.loop = step.loop
         if step.is_full:
             output = self.fn_ref.original_forward(*args, **kwargs)
             self.record(state, output, step.step)

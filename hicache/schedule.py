@@ -46,6 +46,22 @@ class Schedule:
     def full_steps_for(self, num_steps: int) -> list[int]:
         return [s for s in range(num_steps) if self.is_full(s, num_steps)]
 
+    def sparse_warning(self, num_steps: int) -> str | None:
+        """Why running this schedule on ``num_steps`` steps is likely a mistake, or None.
+
+        Fewer than two full steps after warm-up means a long run of steps forecast from the warm-up alone,
+        with no full step to correct them (interval=100 on 50 steps forecasts steps 3-49 in a row)."""
+        full = self.full_steps_for(num_steps)
+        cached = num_steps - len(full)
+        if cached == 0 or sum(s >= self.warmup for s in full) >= 2:
+            return None
+        longest = max(b - a - 1 for a, b in zip(full, full[1:] + [num_steps]))
+        most = (num_steps - self.warmup) // 2
+        fix = (f"use interval <= {most} for two full steps after warm-up" if self.full_steps is None and most >= 1
+               else "list more full steps or use fewer warm-up steps")
+        return (f"hicache: at {num_steps} steps the schedule is full only at {full}, fewer than 2 full steps after "
+                f"warm-up: up to {longest} steps in a row are forecast without a correcting full step; {fix}")
+
     def ideal_speedup(self, num_steps: int) -> float:
         """Step count over full-step count: the speedup if cached steps cost nothing."""
         return num_steps / len(self.full_steps_for(num_steps))

@@ -20,7 +20,7 @@ def pipe():
 
 
 def generate(pipe, prompt="a red circle", seed=0, **kwargs):
-    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **GEN, **kwargs).images
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **{**GEN, **kwargs}).images
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +162,66 @@ def test_hooks_live_in_diffusers_registry_and_removal_restores_the_model(pipe, r
     assert len(summary.forecast_modules) == 2 * 3 + 2 and len(summary.skip_modules) == 1 + 2 * 4 + 2 * 4
     hicache.remove_cache(t)
     assert torch.equal(generate(pipe), reference)
+
+
+def _steps_that_ran_attention(pipe, cache_target, config, **call):
+    """Apply ``config`` to ``cache_target`` (the pipeline or its transformer), generate, and return the steps at
+    which attention and MLPs really ran, and the cache summary."""
+    counts, patched = count_heavy_calls(pipe.transformer)
+    seen = []
+    hicache.apply_cache(cache_target, config, "flux")
+    try:
+        generate(pipe, callback_on_step_end=lambda p, i, t, kw: seen.append(counts["n"]) or kw, **call)
+        summary = hicache.cache_summary(cache_target)
+    finally:
+        hicache.remove_cache(cache_target)
+        for module in patched:
+            del module.forward
+    per_step = [b - a for a, b in zip([0] + seen, seen)]
+    return [s for s, n in enumerate(per_step) if n > 0], summary
+
+
+@pytest.mark.parametrize("steps", [STEPS, 10])
+def test_final_full_steps_follow_the_pipelines_own_step_count(pipe, steps):
+    """Applied to the pipeline, the cache takes each call's step count from it: the last K steps run in full and
+    the summary reports the steps that ran (through the transformer alone they were ignored, while the summary
+    claimed them)."""
+    config = hicache.CacheConfig("hicache", interval=3, warmup=2, order=2, final_full_steps=2)
+    ran, summary = _steps_that_ran_attention(pipe, pipe, config, num_inference_steps=steps)
+    expected = config.schedule.full_steps_for(steps)
+    assert expected[-2:] == [steps - 2, steps - 1]
+    assert ran == expected and summary.full_steps == expected and summary.num_steps == steps
+    assert summary.full_forwards == len(expected) and summary.cached_forwards == steps - len(expected)
+
+
+def test_final_full_steps_without_a_step_count_is_a_one_line_error(pipe):
+    config = hicache.CacheConfig("hicache", interval=3, warmup=2, final_full_steps=2)
+    with pytest.raises(ValueError, match=r"final_full_steps=2 needs the number of steps.*apply_cache\(pipe") as err:
+        _steps_that_ran_attention(pipe, pipe.transformer, config)
+    assert "\n" not in str(err.value)
+
+
+def test_a_config_step_count_other_than_the_calls_is_a_one_line_error(pipe):
+    config = hicache.CacheConfig("hicache", interval=3, warmup=2, num_inference_steps=50)
+    with pytest.raises(ValueError, match=rf"num_inference_steps=50\) but this call runs {STEPS} steps") as err:
+        _steps_that_ran_attention(pipe, pipe, config)
+    assert "\n" not in str(err.value)
+
+
+def test_a_call_interrupted_mid_loop_leaves_nothing_behind(pipe):
+    """An exception mid-loop skips the pipeline's end-of-call reset; the next call must still start at step 0."""
+
+    def stop_at_step_5(p, i, t, kw):
+        if i == 5:
+            raise KeyboardInterrupt
+        return kw
+
+    hicache.apply_cache(pipe.transformer, hicache.CacheConfig("hicache", interval=3, warmup=2, order=2), "flux")
+    try:
+        fresh = generate(pipe)
+        with pytest.raises(KeyboardInterrupt):
+            generate(pipe, callback_on_step_end=stop_at_step_5)
+        after = generate(pipe)
+    finally:
+        hicache.remove_cache(pipe.transformer)
+    assert torch.equal(after, fresh)

@@ -115,3 +115,26 @@ def test_method_none_attaches_no_hooks():
     hicache.apply_cache(model, hicache.CacheConfig("none"), RECIPE)
     assert not hasattr(model.block.f, "_diffusers_hook") and not hasattr(model, "_diffusers_hook")
     assert model(torch.tensor(1.0)).shape == (2, 3)
+
+
+def test_an_interval_longer_than_the_loop_warns_once_per_step_count():
+    """interval=100 on 50 steps used to forecast 47 steps in a row without a word."""
+    model = Toy()
+    hicache.apply_cache(model, hicache.CacheConfig("fora", interval=100, warmup=3), RECIPE)
+    with pytest.warns(UserWarning, match="at 50 steps the schedule is full only at \\[0, 1, 2\\]") as record:
+        for _ in range(2):  # two calls of 50 steps: one warning
+            with hicache.cache_context(model, "cond", num_inference_steps=50):
+                for s in range(50):
+                    model(torch.tensor(float(s)))
+            hicache.reset_cache(model)
+    assert len([w for w in record if "schedule is full only" in str(w.message)]) == 1
+
+
+def test_a_sensible_schedule_does_not_warn():
+    import warnings
+
+    model = Toy()
+    hicache.apply_cache(model, hicache.CacheConfig("fora", interval=7, warmup=3, num_inference_steps=50), RECIPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(model, 50)

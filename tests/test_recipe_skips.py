@@ -6,6 +6,8 @@ once with random stand-ins for every skipped module and every chunk a ``live_chu
 not compute. Dead outputs leave the result bit-identical; a live one (the negative case) changes it.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -70,50 +72,75 @@ def _sample(model, inputs, recipe) -> torch.Tensor:
         hicache.remove_cache(model)
 
 
-def _random_stand_ins(monkeypatch):
-    g = torch.Generator().manual_seed(1)
-
-    def noisy(self, module_name):
-        out = tuple(None if s is None else torch.randn(s[0], generator=g).to(s[1]) for s in self.specs)
-        return out[0] if self.is_tensor else out
-
-    monkeypatch.setattr(hooks.SkipState, "zeros", noisy)
-    monkeypatch.setattr(hooks.LiveChunksHook, "dead_chunks",
-                        lambda self, shape, dtype, device: torch.randn(shape, generator=g).to(dtype))
+def _example(inputs: dict) -> dict:
+    """One call's inputs, with the timestep of a step in the middle of the loop."""
+    t = torch.tensor([0.5])
+    return {**inputs, "timestep": t * 1000 if "guidance" in inputs else t, "return_dict": False}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_skipped_outputs_are_dead_at_cached_steps(name, monkeypatch):
+def test_skipped_outputs_are_dead_at_cached_steps(name):
     model, inputs, recipe = MODELS[name]()
-    with_zeros = _sample(model, inputs, recipe)
-    _random_stand_ins(monkeypatch)
-    with_noise = _sample(model, inputs, recipe)
-    torch.testing.assert_close(with_noise, with_zeros, rtol=0, atol=0)
+    report = hicache.check_recipe(model, recipe, _example(inputs))
+    assert report.ok, str(report)
+    assert set(report.stand_ins.values()) == {"skip", "skip_empty", "skip_broadcast", "live_chunks"}
+    assert str(report).startswith(f"recipe {recipe!r} on {type(model).__name__}: OK.")
 
 
-def test_a_live_skipped_output_changes_the_result(monkeypatch):
-    """The check above can fail: skipping the final norm, whose output is the model's, is caught."""
+def test_a_live_skipped_output_is_caught_and_named():
+    """The check can fail: skipping the final norm, whose output is the model's, is caught and named."""
     model, inputs, recipe = _flux()
     live = hicache.Recipe(
         forecast=hicache.get_recipe(recipe).forecast,
         skip=(*hicache.get_recipe(recipe).skip, r"norm_out\.norm"),
         name="live",
     )
-    with_zeros = _sample(model, inputs, live)
-    _random_stand_ins(monkeypatch)
-    with_noise = _sample(model, inputs, live)
-    assert not torch.equal(with_noise, with_zeros)
+    report = hicache.check_recipe(model, live, _example(inputs))
+    assert not report.ok and list(report.live) == ["norm_out.norm"] and report.live["norm_out.norm"] > 0
+    assert "'norm_out.norm' (skip): output changes by up to" in str(report)
+    with pytest.raises(ValueError, match=r"recipe 'live' on FluxTransformer2DModel stands in for outputs read at "
+                                         r"cached steps: 'norm_out.norm' \(skip\)") as err:
+        report.raise_if_wrong()
+    assert "\n" not in str(err.value)
+    assert not hasattr(model, "_hicache_handle")  # the check leaves the model as it was
 
 
-def test_a_live_chunk_left_out_changes_the_result(monkeypatch):
-    """Declaring FLUX's MLP gate (chunk 5 of the double-stream modulation) dead is caught."""
+def test_a_live_chunk_left_out_is_caught_and_named():
+    """Declaring FLUX's MLP gate (chunk 5 of the double-stream modulation) dead is caught, for each block."""
     model, inputs, recipe = _flux()
     registered = hicache.get_recipe(recipe)
     wrong = hicache.Recipe(forecast=registered.forecast, skip=registered.skip, name="gate_left_out",
                            live_chunks={r"transformer_blocks\.\d+\.norm1\.linear": (6, (2,))})
-    with_zeros = _sample(model, inputs, wrong)
-    _random_stand_ins(monkeypatch)
-    assert not torch.equal(_sample(model, inputs, wrong), with_zeros)
+    report = hicache.check_recipe(model, wrong, _example(inputs))
+    assert list(report.live) == ["transformer_blocks.0.norm1.linear", "transformer_blocks.1.norm1.linear"]
+    assert "(live_chunks): output changes by up to" in str(report)
+
+
+def test_a_wrong_custom_recipe_on_a_toy_is_caught_and_the_right_one_passes():
+    """``out(inner(x) + x)``: ``inner`` feeds the output through an addition, so it may not be skipped."""
+    model, x = _Block(lambda x, h: x + h), torch.randn(2, 3)
+    assert hicache.check_recipe(model, hicache.Recipe(forecast=["out"], skip=["inner"], name="toy"), (x,)).ok
+    report = hicache.check_recipe(model, hicache.Recipe(forecast=["inner"], skip=["out"], name="bad"), (x,))
+    assert list(report.live) == ["out"]
+
+
+def test_candidate_modules_are_recipe_patterns():
+    model, _, _ = _flux()
+    candidates = {c.pattern: c for c in hicache.candidate_modules(model)}
+    attn = candidates[r"transformer_blocks\.\d+\.attn"]
+    assert attn.kind == "FluxAttention" and attn.count == 2
+    assert candidates[r"single_transformer_blocks\.\d+\.proj_out"].count == 2
+    assert candidates[r"norm_out\.norm"].count == 1 and r"transformer_blocks" not in candidates
+    # every pattern of the built-in recipe is among them, and each matches exactly its modules
+    names = [n for n, _ in model.named_modules()]
+    for pattern in hicache.get_recipe("flux").patterns:
+        for part in pattern.split("|"):
+            if part.endswith("(_context)?\\.linear") or not any(re.fullmatch(part, n) for n in names):
+                continue  # two candidates in one pattern; HunyuanVideo's rope
+            assert part in candidates, part
+            assert candidates[part].count == sum(bool(re.fullmatch(part, n)) for n in names)
+    assert r"transformer_blocks\.\d+\.attn\.to_out\.0" not in candidates  # deeper than 2 levels in a block
+    assert "transformer_blocks" in str(hicache.candidate_modules(model))
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -28,6 +28,7 @@ COLUMNS = (
     ("ImageReward", "image_reward", "{:.4f}"),
     ("CLIP", "clip", "{:.2f}"),
     ("PSNR", "psnr", "{:.2f}"),
+    ("PSNR uint8 (wraps)", "psnr_uint8", "{:.2f}"),  # LESA's evaluation (metrics.psnr_uint8): read beside papers only
     ("SSIM", "ssim", "{:.4f}"),
     ("LPIPS", "lpips", "{:.4f}"),
     ("Checker acc.", "checker", "{:.3f}"),

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 import hicache
 from hicache.app.qwen_image import SOURCES, edit_scene
 from hicache.app.testing import compose_config, run_overrides
-from hicache.tables import render
+from hicache.app.tables import render
 
 T2I_TINY = ("data=tiny_words", "data.limit=2", "sampling.steps=6", "sampling.height=64", "sampling.width=64",
             "metrics=fidelity", "logger=none", "speed.warmup=false")

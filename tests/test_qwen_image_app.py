@@ -89,7 +89,8 @@ def test_qwen_image_hicache_smoke_run(tmp_path, models):
 
 def test_qwen_image_table_smoke_run(tmp_path, models):
     summaries = run_overrides(["experiment=qwen_image_table", "model=tiny_qwen_image", *T2I_TINY,
-                               "sampling.steps=10", f"model.path={models / 't2i'}", f"paths.outputs={tmp_path}"],
+                               "sampling.steps=10", "data.limit=1", f"model.path={models / 't2i'}",
+                               f"paths.outputs={tmp_path}"],
                               all_variants=True)
     by_run = {s["variant"]: s for s in summaries}
     assert len(by_run) == 7

@@ -1,7 +1,7 @@
 """Transformer FLOPs and cache memory of Qwen-Image with each cache, at full size, without weights or a GPU.
 
 The real `QwenImageTransformer2DModel` (its default config, which is Qwen-Image's: 60 double-stream blocks,
-24 heads of 128, joint text width 3584, 20.4B parameters) is built on PyTorch's meta device, so no memory is
+24 heads of 128, joint text width 3584, 20.43B parameters) is built on PyTorch's meta device, so no memory is
 allocated and no weight is needed. `FlopCounterMode` counts the matmul/attention FLOPs of a whole denoising loop
 run as `QwenImagePipeline` runs it (by default the official protocol: 1328x1328, i.e. 83x83 = 6889 image tokens,
 50 steps, true CFG, so a cond and an uncond call per step in their own cache contexts), with the cache attached

@@ -44,15 +44,19 @@ VISION_MAX_PIXELS = 56 * 56  # 4x4 patches of 14 px -> 2x2 merged image tokens i
 
 
 def _templates() -> list[str]:
+    """The prompt templates of `QwenImagePipeline` and `QwenImageEditPipeline`, as the installed diffusers sets them
+    in ``__init__`` (read from its source: building a pipeline needs every component)."""
+    import ast
+    import inspect
+
     from diffusers import QwenImageEditPipeline, QwenImagePipeline
 
-    # The templates are set in __init__; read them from the source-level defaults without building a pipeline.
     out = []
     for cls in (QwenImagePipeline, QwenImageEditPipeline):
-        import inspect
-
-        src = inspect.getsource(cls.__init__)
-        out += [eval(m) for m in re.findall(r'self\.prompt_template_encode = (".*?")\n', src)]  # noqa: S307
+        source = inspect.getsource(cls.__init__)
+        out += [ast.literal_eval(m) for m in re.findall(r'self\.prompt_template_encode = (".*?")\n', source)]
+    if len(out) != 2:
+        raise RuntimeError("diffusers' Qwen-Image pipelines no longer set prompt_template_encode in __init__")
     return out
 
 

@@ -37,7 +37,7 @@ def _collect(cfg: DictConfig) -> dict:
     prompts = load_prompts(cfg.data, int(cfg.sampling.seed_offset))
     s = cfg.sampling
     call = dict(num_inference_steps=int(s.steps), height=int(s.height), width=int(s.width),
-                guidance_scale=float(s.guidance_scale),
+                **({} if s.guidance_scale is None else {"guidance_scale": float(s.guidance_scale)}),
                 **OmegaConf.to_container(cfg.model.get("call_kwargs") or {}, resolve=True))
     out_dir = Path(c.out_dir)
     runs = [(f"p{p.index:05d}_s{p.seed}", p.text, p.seed) for p in prompts]

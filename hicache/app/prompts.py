@@ -1,6 +1,7 @@
 """Prompt sets: a hub dataset (DrawBench, PartiPrompts), any local file, an inline list, or the
 testbed's held-out captions. Each prompt carries its index and its seed (index + seed_offset), so a
-prompt renders the same image whichever shard or run it lands in.
+prompt renders the same image whichever shard or run it lands in. An editing prompt also carries the
+path of its input image (a source returns ``(instruction, image path)`` pairs for those).
 """
 
 from __future__ import annotations
@@ -21,18 +22,29 @@ class Prompt:
     index: int
     text: str
     seed: int
+    image: str | None = None  # input image of an editing prompt
+
+    @property
+    def key(self) -> str:
+        """What identifies the prompt's uncached output besides the seed: the text, and the input image if any."""
+        return reference_text(self.text, self.image)
+
+
+def reference_text(text: str, image: str | None) -> str:
+    return text if image is None else f"{text}\n[input image {image}]"
 
 
 def load_prompts(data: DictConfig, seed_offset: int = 0) -> list[Prompt]:
     source = data.source
     if source not in SOURCES:
         raise SetupError(f"data.source={source!r} is unknown; known: {', '.join(sorted(SOURCES))}")
-    texts = [t.strip() for t in SOURCES[source](data) if t and t.strip()]
+    items = [(t, None) if isinstance(t, str) else tuple(t) for t in SOURCES[source](data)]
+    texts = [(t.strip(), image) for t, image in items if t and t.strip()]
     if data.get("limit") is not None:
         texts = texts[: int(data.limit)]
     if not texts:
         raise SetupError(f"data {data.name}: no prompts")
-    return [Prompt(i, t, i + int(seed_offset)) for i, t in enumerate(texts)]
+    return [Prompt(i, t, i + int(seed_offset), image) for i, (t, image) in enumerate(texts)]
 
 
 def _from_list(data: DictConfig) -> list[str]:
@@ -99,3 +111,14 @@ def _from_testbed(data: DictConfig) -> list[str]:
 
 
 SOURCES = {"list": _from_list, "file": _from_file, "hub": _from_hub, "testbed": _from_testbed}
+
+
+def load_input_image(path: str | Path):
+    """An editing prompt's input image, as RGB (the file is closed)."""
+    from PIL import Image
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SetupError(f"input image {path} does not exist")
+    with Image.open(path) as image:
+        return image.convert("RGB")

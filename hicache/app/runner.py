@@ -25,11 +25,12 @@ from .loggers import build_logger
 from .metrics import Metric, build_metrics
 from .outputs import OutputKind, output_kind
 from .pipelines import load_pipeline, model_cpu_threads, resolve_device
-from .prompts import Prompt, load_prompts
+from .prompts import Prompt, load_input_image, load_prompts, reference_text
 from .references import ReferenceStore, digest, read_json, write_json_atomic
 from .results import RunDir
 from .speed import count_transformer_flops, stopwatch
 from . import video  # noqa: E402,F401  (registers the video loaders, output kind, metrics and prompt source)
+from . import qwen_image  # noqa: E402,F401  (registers the Qwen-Image loaders, the edit sets and their metric)
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def reference_key(cfg: DictConfig) -> dict[str, Any]:
     m, s = cfg.model, cfg.sampling
     return {"model": m.name, "path": str(m.get("path")), "dtype": str(m.dtype), "seed_model": m.get("seed"),
             "steps": int(s.steps), "height": int(s.height), "width": int(s.width),
-            "guidance_scale": float(s.guidance_scale),
+            "guidance_scale": None if s.guidance_scale is None else float(s.guidance_scale),
             "call_kwargs": OmegaConf.to_container(m.get("call_kwargs") or {}, resolve=True)}
 
 
@@ -62,10 +63,14 @@ class Renderer:
     def __call__(self, prompt: Prompt, steps: int):
         s = self.cfg.sampling
         kwargs = OmegaConf.to_container(self.cfg.model.get("call_kwargs") or {}, resolve=True)
+        if s.guidance_scale is not None:  # null for pipelines without embedded guidance (Qwen-Image warns on any value)
+            kwargs["guidance_scale"] = float(s.guidance_scale)
+        if prompt.image is not None:  # an editing prompt: its input image
+            kwargs["image"] = load_input_image(prompt.image)
         generator = torch.Generator("cpu").manual_seed(prompt.seed)
         with torch.inference_mode():
             result = self.pipe(prompt=prompt.text, num_inference_steps=steps, height=int(s.height), width=int(s.width),
-                               guidance_scale=float(s.guidance_scale), generator=generator, **kwargs)
+                               generator=generator, **kwargs)
         return self.output.extract(result)
 
     def timed(self, prompt: Prompt, steps: int):
@@ -87,20 +92,20 @@ def ensure_references(render: Renderer, store: ReferenceStore, prompts: list[Pro
                       cfg: DictConfig, world: distributed.World) -> dict[int, tuple[Any, dict]]:
     """Every prompt's uncached output and its meta (latency, quality metrics), rendering what is missing."""
     steps = int(cfg.sampling.steps)
-    found = {p.index: store.get(p.text, p.seed) for p in prompts}
+    found = {p.index: store.get(p.key, p.seed) for p in prompts}
     missing = [p for p in prompts if found[p.index] is None]
     if missing and cfg.speed.warmup:
         render(missing[0], steps)
     for p in tqdm(missing, desc="references", disable=not missing, dynamic_ncols=True):
         output, seconds = render.timed(p, steps)
-        store.put(p.text, p.seed, output, {"latency_s": seconds, "device": str(render.device), "metrics": {}})
-        found[p.index] = store.get(p.text, p.seed)
+        store.put(p.key, p.seed, output, {"latency_s": seconds, "device": str(render.device), "metrics": {}})
+        found[p.index] = store.get(p.key, p.seed)
     for p in prompts:  # quality metrics of the references, measured once and kept with them
         output, meta = found[p.index]
         todo = [m for m in metrics if m.kind == "quality" and m.name not in meta.get("metrics", {})]
         if todo:
             meta.setdefault("metrics", {}).update(_quality(todo, output, p.text))
-            store.update_meta(p.text, p.seed, meta)
+            store.update_meta(p.key, p.seed, meta)
     return found
 
 
@@ -186,6 +191,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
             reference, meta = references[p.index]
             record = {"index": p.index, "prompt": p.text, "seed": p.seed, "rank": world.rank, "latency_s": seconds,
                       "reference_latency_s": meta["latency_s"]}
+            if p.image is not None:
+                record["image"] = p.image
             for m in metrics:
                 record[m.name] = m.fn(out, reference) if m.kind == "fidelity" else m.fn(out, p.text)
                 if m.kind == "quality":
@@ -212,7 +219,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         summary = run_dir.summary()
         pairs = []
         for r in records[: int(cfg.logger.get("grid_size", 8))] if cfg.logger.get("kind", "none") != "none" else []:
-            ref = store.get(r["prompt"], r["seed"])
+            ref = store.get(reference_text(r["prompt"], r.get("image")), r["seed"])
             pairs.append((output.load(run_dir.output_path(r["index"], output.suffix)), ref[0]))
         build_logger(cfg.logger).log_run(config=cfg, run_dir=run_dir.path, name=f"{cfg.name}/{run_name(cfg)}",
                                          group=cfg.name, records=records, summary=summary, pairs=pairs)

@@ -184,3 +184,4 @@ def double_single_stream(name: str) -> Recipe:
 from . import flux  # noqa: E402,F401  (registers the built-in recipes)
 from . import hunyuan_video  # noqa: E402,F401
 from . import inf_dit  # noqa: E402,F401
+from . import qwen_image  # noqa: E402,F401

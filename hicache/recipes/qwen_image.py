@@ -1,0 +1,52 @@
+"""Qwen-Image (`QwenImageTransformer2DModel`), as the official HiCache Qwen-Image backend caches it.
+
+The same transformer class serves Qwen-Image, Qwen-Image-Edit and Qwen-Image-Edit-Plus (the edit
+pipelines concatenate the reference image's latents to the image tokens, so the forecast image-stream
+tensors hold noisy and reference tokens alike). Each of the 60 ``transformer_blocks`` is a
+double-stream (MMDiT) block returning ``(encoder_hidden_states, hidden_states)``; four outputs are
+forecast, all before their gates and residual adds, as the official block forward caches
+``img_attn``/``txt_attn``/``img_mlp``/``txt_mlp``:
+
+- ``attn`` returns the image and text attention outputs as a tuple (after ``to_out``/``to_add_out``),
+  forecast as one tuple;
+- ``img_mlp`` and ``txt_mlp``, the pre-gate MLP outputs.
+
+What a cached step does not need is skipped (``tests/test_recipe_skips.py`` proves each one dead):
+
+- the LayerNorms in front of the forecast modules (``img_norm1``, ``txt_norm1``, ``img_norm2``,
+  ``txt_norm2``: no affine, their outputs are only modulated per channel and fed to the forecast
+  modules) stand in with one token of zeros (``skip_broadcast``);
+- the rotary embedding (``pos_embed``), which only attention reads;
+- the whole text stream: only the image stream reaches ``norm_out``, so at a cached step the text
+  residual stream is computed by nobody's request. The text input projection (``txt_in``, full-size
+  zeros: the model reads the text length and the mask's shape from its output) and the RMSNorm in
+  front of it (``txt_norm``) are skipped, and so is the text modulation (``txt_mod``: its gates only
+  scale text-stream terms). The text forecasts themselves (``attn``'s second output, ``txt_mlp``) are
+  still formed at cached steps, as the official code does (wasted work, as the official code's; they
+  are small: text tokens only);
+- of the image modulation linear (``img_mod.1``: shift, scale, gate of the attention, then of the
+  MLP) a cached step reads only the gates, chunks 2 and 5 of 6 (``live_chunks``). With
+  ``zero_cond_t`` (Edit-Plus-2511) ``img_mod`` runs on a doubled batch, which live chunks survive.
+
+Always run: ``img_in``, ``time_text_embed`` (the gates depend on the current t), the image
+modulation's gate rows, the gating multiplies and residual adds, ``norm_out`` and ``proj_out``.
+
+For fresh tokens in ``img_mlp``/``txt_mlp`` (ClusCa, Hi-ClusCa: recompute some tokens at a cached
+step), those modules need their true inputs at cached steps: a recipe for them must then not skip
+``img_norm2``/``txt_norm2``, the modulation's shift and scale rows of chunk 3-4, nor (for
+``txt_mlp``) the text stream (``txt_norm``, ``txt_in``, ``txt_mod``, ``txt_norm1``).
+"""
+
+from . import Recipe, register_recipe
+
+BLOCK = r"transformer_blocks\.\d+\."
+
+QWEN_IMAGE = register_recipe(
+    Recipe(
+        name="qwen_image",
+        forecast=(BLOCK + "attn", BLOCK + "img_mlp", BLOCK + "txt_mlp"),
+        skip=(r"pos_embed", r"txt_in", BLOCK + "txt_mod"),
+        skip_broadcast=(r"txt_norm", BLOCK + r"(img|txt)_norm[12]"),
+        live_chunks={BLOCK + r"img_mod\.1": (6, (2, 5))},
+    )
+)

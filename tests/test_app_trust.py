@@ -169,3 +169,25 @@ def test_result_files_follow_the_umask(tmp_path):
     files = [run_dir / "summary.json", run_dir / "metrics.jsonl", run_dir / "fingerprint.json",
              run_dir / "images" / "00000.png", *(tmp_path / "_references").rglob("*.png")]
     assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in files), [oct(f.stat().st_mode) for f in files]
+
+
+# -- 6. W&B as the run goes ----------------------------------------------------------------------
+
+def test_wandb_logs_each_output_as_it_is_rendered(tmp_path, monkeypatch):
+    from hicache.app.loggers import WandbLogger
+
+    seen = []
+    real = WandbLogger.log_output
+
+    def spy(self, record):
+        run_dir = next((tmp_path / "live").iterdir())
+        seen.append((record["index"], (run_dir / "summary.json").exists(), self.run is not None))
+        real(self, record)
+
+    monkeypatch.setattr(WandbLogger, "log_output", spy)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    [summary] = run_overrides([*TINY_OVERRIDES, "name=live", "cache=fora", "cache.interval=2", "cache.warmup=1",
+                               "logger=wandb", f"paths.outputs={tmp_path}"])
+    assert seen[:2] == [(0, False, True), (1, False, True)]  # logged live, before the run was summarised
+    [offline] = (tmp_path / "live" / summary["run"] / "wandb").glob("offline-run-*")
+    assert list(offline.glob("run-*.wandb"))

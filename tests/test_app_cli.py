@@ -53,7 +53,7 @@ def test_multirun_sweep_logs_wandb_offline_and_renders_a_table(tmp_path):
                     "variant=taylorseer_N7_O1,hicache_N7_O1_s0.5", f"paths.outputs={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.parent.name for p in (tmp_path / "testbed_ablation_order").glob("*/summary.json"))
-    assert runs == ["hicache_N7_O1_s0.5", "taylorseer_N7_O1"]
+    assert runs == ["hicache_N7_O1_s0.5_limit2", "taylorseer_N7_O1_limit2"]  # data.limit=2 is part of the name
     for run in runs:
         [offline] = (tmp_path / "testbed_ablation_order" / run / "wandb").glob("offline-run-*")
         assert list(offline.glob("run-*.wandb"))

@@ -57,7 +57,8 @@ def test_every_variant_is_explicit_valid_and_attaches(experiment):
         assert swept == list(variants) and spec["variant"] in variants
     pipe = SimpleNamespace(transformer=tiny_flux_transformer(), current_timestep=None)
     model = OmegaConf.create({"recipe": "flux"})
-    caches = [cache_config_of(o) for o in variants.values()] or [OmegaConf.create(spec["cache"])]
+    [group] = [d["override /cache"] for d in spec["defaults"] if isinstance(d, dict) and "override /cache" in d]
+    caches = [cache_config_of(o) for o in variants.values()] or [OmegaConf.load(CONF_DIR / "cache" / f"{group}.yaml")]
     for cache in caches:
         if cache.method not in ("none", "step_reduction"):
             assert {"interval", "warmup", "order"} <= set(cache)  # every value explicit

@@ -51,3 +51,28 @@ def test_cli_renders_and_fails_in_one_line_on_an_empty_folder(tmp_path):
     write_summary(tmp_path, "e", "r", method="hicache", label="HiCache", interval=7, order=2, sigma=0.5, psnr=31.0)
     out = subprocess.run([sys.executable, "-m", "hicache.app.tables", str(tmp_path)], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("## e\n")
+
+
+def test_plot_draws_fidelity_against_sigma_interval_and_speedup(tmp_path):
+    for sigma, psnr in ((0.3, 30.0), (0.5, 32.0), (0.7, 31.0)):
+        write_summary(tmp_path, "sweep", f"s{sigma}", method="hicache", label="HiCache", interval=7, order=2, sigma=sigma,
+                      psnr=psnr, ssim=0.9, latency_speedup=3.0 + sigma, flops_speedup=5.1)
+    for interval in (5, 9):
+        write_summary(tmp_path, "sweep", f"n{interval}", method="fora", label="FORA", interval=interval, order=0,
+                      sigma=None, psnr=25.0 - interval, ssim=0.8, latency_speedup=float(interval) / 2, flops_speedup=4.0)
+    write_summary(tmp_path, "sweep", "original", method="none", label="original", interval=None, order=None, sigma=None,
+                  psnr=float("inf"), ssim=1.0, latency_speedup=1.0, flops_speedup=1.0)
+    out = subprocess.run([sys.executable, "-m", "hicache.app.tables", str(tmp_path), "--plot"], capture_output=True,
+                         text=True, check=True)
+    plots = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert [p.rsplit("_", 1)[1] for p in plots] == ["interval.png", "sigma.png", "speedup.png"]
+    assert all((tmp_path / "plots" / p).stat().st_size > 5000 for p in plots)
+    assert out.stderr.count("plot: ") == 3
+
+
+def test_plot_leaves_out_an_axis_nothing_sweeps(tmp_path):
+    from hicache.app.plots import plot
+
+    write_summary(tmp_path, "one", "a", method="hicache", label="HiCache", interval=7, order=2, sigma=0.5, psnr=30.0,
+                  ssim=0.9, latency_speedup=3.0)
+    assert [p.name.rsplit("_", 1)[1] for p in plot(tmp_path)] == ["speedup.png"]

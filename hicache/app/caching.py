@@ -33,6 +33,12 @@ class AttachedCache:
     steps: int
     detach: Callable[[], None]
     describe: Callable[[], dict[str, Any]] = field(default=lambda: {})
+    uncached: bool = False  # nothing attached and every step run: the run *is* the uncached pipeline
+
+
+def is_uncached(cache: DictConfig) -> bool:
+    """True for the "original" row: nothing attached, every step run in full."""
+    return cache.get("family", "hicache") == "hicache" and cache.get("method") == "none"
 
 
 def attach(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCache:
@@ -42,11 +48,19 @@ def attach(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCa
     return ATTACHERS[family](pipe, cache, model, steps)
 
 
-def _attach_hicache(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCache:
+def hicache_config(cache: DictConfig, steps: int) -> hicache.CacheConfig:
+    """The `hicache.CacheConfig` of a hicache-family cache config; its one-line `ValueError` becomes a `SetupError`."""
     fields = {k: cache[k] for k in HICACHE_FIELDS if k in cache and cache[k] is not None}
     if "full_steps" in fields:
         fields["full_steps"] = list(fields["full_steps"])
-    config = hicache.CacheConfig(**fields, num_inference_steps=steps)
+    try:
+        return hicache.CacheConfig(**fields, num_inference_steps=steps)
+    except (ValueError, TypeError) as err:
+        raise SetupError(f"cache ({cache.get('method')}): {err}") from None
+
+
+def _attach_hicache(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCache:
+    config = hicache_config(cache, steps)
     transformer = pipe.transformer
     hicache.apply_cache(transformer, config, recipe=model.get("recipe", "flux"))
 
@@ -55,12 +69,15 @@ def _attach_hicache(pipe, cache: DictConfig, model: DictConfig, steps: int) -> A
         return {"full_steps": summary.full_steps, "ideal_speedup": summary.ideal_speedup,
                 "cache_mib": summary.cache_bytes / 2**20}
 
-    return AttachedCache(steps, lambda: hicache.remove_cache(transformer), describe)
+    return AttachedCache(steps, lambda: hicache.remove_cache(transformer), describe, uncached=config.method == "none")
 
 
 def _attach_step_reduction(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCache:
-    schedule = Schedule(interval=int(cache.interval), warmup=int(cache.warmup))
-    fewer = same_cost_steps(steps, schedule)
+    try:
+        schedule = Schedule(interval=int(cache.interval), warmup=int(cache.warmup))
+        fewer = same_cost_steps(steps, schedule)
+    except (ValueError, TypeError) as err:
+        raise SetupError(f"cache (step_reduction): {err}") from None
     return AttachedCache(fewer, lambda: None,
                          lambda: {"full_steps": list(range(fewer)), "ideal_speedup": steps / fewer})
 

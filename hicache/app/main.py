@@ -33,18 +33,54 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("hicache_weights", lambda: str(WEIGHTS_DIR))
 
 
+def _check_variant_overrides(command_line: list[str], variant: str, variant_overrides: list[str]) -> None:
+    """A command-line override of a key the variant also sets would be silently replaced by the variant's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    ours = {o.key_or_group.lstrip("+~"): o for o in parser.parse_overrides(variant_overrides)}
+    for o in parser.parse_overrides(command_line):
+        key = o.key_or_group.lstrip("+~")
+        if key in ours and o.value() != ours[key].value():
+            raise SetupError(f"{o.input_line} conflicts with variant={variant}, which sets {ours[key].input_line}; "
+                             f"drop the override or pick another variant")
+
+
 def apply_variant(cfg: DictConfig) -> DictConfig:
+    return job_config(cfg)[0]
+
+
+def job_config(cfg: DictConfig) -> tuple[DictConfig, str | None]:
+    """The job's config with its variant's overrides applied, and the chosen cache group's name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
     variant = cfg.get("variant")
     if not variant:
-        return cfg
+        return cfg, hydra_cfg.runtime.choices.get("cache")
     variants = cfg.get("variants") or {}
     if variant not in variants:
         raise SetupError(f"variant={variant!r} is not in this experiment; known: {', '.join(variants)}")
     from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
 
-    overrides = list(HydraConfig.get().overrides.task) + list(variants[variant])
-    return compose(config_name="run", overrides=overrides)
+    command_line = [o for o in hydra_cfg.overrides.task if not o.split("=", 1)[0].lstrip("+~") == "variant"]
+    _check_variant_overrides(command_line, variant, list(variants[variant]))
+    composed = compose(config_name="run", overrides=list(hydra_cfg.overrides.task) + list(variants[variant]),
+                       return_hydra_config=True)
+    group = composed.hydra.runtime.choices.get("cache")
+    with open_dict(composed):
+        del composed["hydra"]
+    return composed, group
+
+
+def checked_job_config(cfg: DictConfig) -> DictConfig:
+    """`job_config`, then every check of `hicache.app.checks` that needs only the config."""
+    from .checks import check_config, group_method
+
+    cfg, group = job_config(cfg)
+    check_config(cfg, group, group_method(group))
+    return cfg
 
 
 def main(cfg: DictConfig) -> dict:
@@ -67,7 +103,7 @@ def main(cfg: DictConfig) -> dict:
                              "or experiment=infdit_sigma")
         from .runner import run
 
-        return run(apply_variant(cfg))
+        return run(checked_job_config(cfg))
     except BaseException as err:
         from .pipelines import forget_pipelines
 

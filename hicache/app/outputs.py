@@ -7,12 +7,13 @@ runner, reference store and results writer use it unchanged.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from PIL import Image
+
+from .files import temp_file
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class OutputKind:
 
 def _save_png(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.png")
+    fd, tmp = temp_file(path.parent, ".tmp.png")
     os.close(fd)
     image.save(tmp, format="PNG")
     os.replace(tmp, path)

@@ -7,18 +7,21 @@
   ``summary.json`` marks the run finished, and re-running the sweep skips it.
 
 The config fingerprint is stored with the run: a folder that holds a different config is an error,
-never silently reused.
+never silently reused. The claim is atomic: ``fingerprint.json`` is written to a temporary file and
+hard-linked into place, which fails if the name exists, so of two processes with different configs
+exactly one gets the folder (two with the same config share it, each rendering what is missing). A
+run that stops before its first output releases the claim (`release`), so the corrected command runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import SetupError
+from .files import temp_file
 from .references import read_json, write_json_atomic
 
 
@@ -38,18 +41,49 @@ class RunDir:
     def output_path(self, index: int, suffix: str) -> Path:
         return self.path / "images" / f"{index:05d}{suffix}"
 
+    @property
+    def marker_path(self) -> Path:
+        return self.path / "fingerprint.json"
+
     def claim(self) -> None:
         """Create the folder for this config, or check that an existing one holds the same config."""
-        marker = self.path / "fingerprint.json"
-        if marker.is_file():
-            found = read_json(marker)["fingerprint"]
-            if found != self.fingerprint:
-                raise SetupError(
-                    f"{self.path} holds a run with a different config (fingerprint {found} != {self.fingerprint}); "
-                    f"delete it, or pick another name=/run_name="
-                )
-        else:
-            write_json_atomic(marker, {"fingerprint": self.fingerprint})
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temp_file(self.path, ".tmp.claim")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"fingerprint": self.fingerprint}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, self.marker_path)  # atomic, and fails if another process claimed the folder first
+            return
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        found = read_json(self.marker_path)["fingerprint"]
+        if found != self.fingerprint:
+            state = "its outputs" if self.has_outputs() else "no outputs yet (another process may be starting it)"
+            raise SetupError(
+                f"{self.path} holds a run with a different config (fingerprint {found} != {self.fingerprint}) and "
+                f"{state}; delete it, or pick another name=/run_name="
+            )
+
+    def has_outputs(self) -> bool:
+        return bool(self.records()) or (self.path / "images").is_dir() and any((self.path / "images").iterdir())
+
+    def release(self) -> None:
+        """Undo `claim` if the run left nothing behind (it stopped at a setup error before its first output)."""
+        if self.has_outputs() or self.summary_path.is_file() or not self.marker_path.is_file():
+            return
+        if read_json(self.marker_path).get("fingerprint") != self.fingerprint:
+            return
+        for name in ("fingerprint.json", "latency.json", "flops.json"):
+            (self.path / name).unlink(missing_ok=True)
+        for folder in (self.path / "images", self.path / "progress", self.path):
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                pass
 
     def finished(self) -> bool:
         return self.summary_path.is_file() and read_json(self.summary_path).get("fingerprint") == self.fingerprint
@@ -86,7 +120,7 @@ class RunDir:
 
     def write_final(self, records: list[dict], summary: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path, suffix=".tmp.jsonl")
+        fd, tmp = temp_file(self.path, ".tmp.jsonl")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for record in sorted(records, key=lambda r: r["index"]):
                 f.write(json.dumps(record, sort_keys=True) + "\n")

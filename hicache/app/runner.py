@@ -1,9 +1,13 @@
 """One run of the app: references, the cached outputs, their metrics and cost, the summary.
 
 Order of work: load the pipeline (so missing weights fail first, in one line), the prompts and the
-metrics; render the missing uncached references (cache off); attach the cache and render this
-process's shard of the prompts, measuring each output; then rank 0 merges all shards, writes
-``summary.json`` and logs the run.
+metrics, and check the size the pipeline can render; claim the run folder; render the missing
+uncached references (cache off; reused from disk for quality only); time the uncached and the
+cached pipeline on ``speed.latency_pairs`` of this run's prompts, in turn, after a warm-up (the
+latency speedup never divides by a time measured in another process or on another machine); attach
+the cache and render this process's shard of the prompts, measuring each output; then rank 0 merges
+all shards, writes ``summary.json`` and logs the run. A run that stops before its first output
+releases its claim, so the corrected command is not refused.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from . import distributed
-from .caching import attach
-from .loggers import build_logger
+from .caching import attach, is_uncached
+from .checks import check_output_size, check_size
+from .loggers import NullLogger, build_logger
 from .metrics import Metric, build_metrics
 from .outputs import OutputKind, output_kind
 from .pipelines import load_pipeline, model_cpu_threads, resolve_device
@@ -38,7 +43,11 @@ FINGERPRINT_KEYS = ("model", "cache", "data", "sampling")
 
 
 def run_name(cfg: DictConfig) -> str:
-    return str(cfg.get("run_name") or cfg.get("variant") or cfg.cache.name)
+    """The run's folder name: the run name, the variant or the cache's name, and ``_limit<n>`` when
+    ``data.limit`` is set, so a short smoke sweep never lands in (or is refused by) the full run's folder."""
+    name = str(cfg.get("run_name") or cfg.get("variant") or cfg.cache.name)
+    limit = cfg.data.get("limit")
+    return name if limit is None else f"{name}_limit{int(limit)}"
 
 
 def fingerprint(cfg: DictConfig) -> str:
@@ -78,6 +87,14 @@ class Renderer:
             out = self(prompt, steps)
         return out, clock["seconds"]
 
+    def cached(self, prompt: Prompt, timed: bool = True):
+        """Render ``prompt`` with the run's cache attached for this one call (and its time)."""
+        attached = attach(self.pipe, self.cfg.cache, self.cfg.model, int(self.cfg.sampling.steps))
+        try:
+            return self.timed(prompt, attached.steps) if timed else (self(prompt, attached.steps), None)
+        finally:
+            attached.detach()
+
     def flops(self, prompt: Prompt, steps: int) -> int:
         with count_transformer_flops(self.pipe.transformer) as count:
             self(prompt, steps)
@@ -94,11 +111,10 @@ def ensure_references(render: Renderer, store: ReferenceStore, prompts: list[Pro
     steps = int(cfg.sampling.steps)
     found = {p.index: store.get(p.key, p.seed) for p in prompts}
     missing = [p for p in prompts if found[p.index] is None]
-    if missing and cfg.speed.warmup:
-        render(missing[0], steps)
     for p in tqdm(missing, desc="references", disable=not missing, dynamic_ncols=True):
-        output, seconds = render.timed(p, steps)
-        store.put(p.key, p.seed, output, {"latency_s": seconds, "device": str(render.device), "metrics": {}})
+        output = render(p, steps)
+        check_output_size(output, cfg)
+        store.put(p.key, p.seed, output, {"device": str(render.device), "metrics": {}})
         found[p.index] = store.get(p.key, p.seed)
     for p in prompts:  # quality metrics of the references, measured once and kept with them
         output, meta = found[p.index]
@@ -107,6 +123,27 @@ def ensure_references(render: Renderer, store: ReferenceStore, prompts: list[Pro
             meta.setdefault("metrics", {}).update(_quality(todo, output, p.text))
             store.update_meta(p.key, p.seed, meta)
     return found
+
+
+def measure_latency(render: Renderer, prompts: list[Prompt], uncached: bool, warmup: bool) -> dict[str, Any]:
+    """Wall-clock seconds of the uncached and the cached pipeline on the same prompts, in turn, in this process.
+
+    One untimed render of each comes first (``warmup``), then each prompt is rendered uncached and
+    cached back to back, so both see the same load, clocks and thread count. For an uncached run
+    the cached pipeline *is* the uncached one: each prompt is timed once and counts for both (1.00x).
+    """
+    steps = int(render.cfg.sampling.steps)
+    if warmup and prompts:
+        render(prompts[0], steps)
+        if not uncached:
+            render.cached(prompts[0], timed=False)
+    pairs = []
+    for p in tqdm(prompts, desc="latency pairs", dynamic_ncols=True):
+        _, reference = render.timed(p, steps)
+        cached = reference if uncached else render.cached(p)[1]
+        pairs.append({"index": p.index, "uncached_s": reference, "cached_s": cached})
+    return {"pairs": pairs, "device": str(render.device), "threads": torch.get_num_threads(), "warmup": bool(warmup),
+            "host": platform.node()}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -123,12 +160,15 @@ def summarize(cfg: DictConfig, records: list[dict], metric_names: list[str], una
         "interval": c.get("interval"), "order": c.get("order"), "sigma": c.get("sigma"), "warmup": c.get("warmup"),
         "reference_steps": int(cfg.sampling.steps), "num_outputs": len(records),
         "height": int(cfg.sampling.height), "width": int(cfg.sampling.width),
-        "latency_s": _mean([r["latency_s"] for r in records]),
-        "reference_latency_s": _mean([r["reference_latency_s"] for r in records]),
+        "data_limit": cfg.data.get("limit"), "output_latency_s": _mean([r.get("latency_s") for r in records]),
         "torch": torch.__version__, "host": platform.node(),
     }
     summary.update(extra)
-    if summary["latency_s"] and summary["reference_latency_s"]:
+    pairs = (summary.pop("latency", None) or {}).get("pairs") or []
+    if pairs:  # see measure_latency: both pipelines timed in this run, on the same prompts
+        summary["latency_s"] = _mean([p["cached_s"] for p in pairs])
+        summary["reference_latency_s"] = _mean([p["uncached_s"] for p in pairs])
+        summary["latency_pairs"] = len(pairs)
         summary["latency_speedup"] = summary["reference_latency_s"] / summary["latency_s"]
     if summary.get("flops") and summary.get("reference_flops"):
         summary["flops_speedup"] = summary["reference_flops"] / summary["flops"]
@@ -161,13 +201,26 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     video.check_metrics(cfg.model, cfg.metrics)
     output = output_kind(cfg.model.get("output", "image"))
     pipe = load_pipeline(cfg.model, device)
+    check_size(pipe, cfg)
     prompts = load_prompts(cfg.data, int(cfg.sampling.seed_offset))
     metrics, unavailable = build_metrics(cfg.metrics, device)
+    step_logger = build_logger(cfg.logger) if world.is_main else NullLogger()
     # Claim the folder only once setup succeeded: a run that stopped at a setup error (missing
     # weights, say) must not block the corrected command the error told the user to type.
     if world.is_main:
         run_dir.claim()
     world.barrier()
+    try:
+        return _render_claimed(cfg, world, device, run_dir, output, pipe, prompts, metrics, unavailable, step_logger)
+    except BaseException:
+        if world.is_main:
+            run_dir.release()  # only if it holds no output yet: nothing is lost, nothing is left half claimed
+        raise
+
+
+def _render_claimed(cfg: DictConfig, world: distributed.World, device: torch.device, run_dir: RunDir,
+                    output: OutputKind, pipe, prompts: list[Prompt], metrics: list[Metric],
+                    unavailable: list[str], step_logger) -> dict[str, Any]:
     done = run_dir.records()
     shard = world.shard(prompts)
     todo = [p for p in shard if p.index not in done or not run_dir.output_path(p.index, output.suffix).is_file()]
@@ -179,18 +232,27 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     if world.is_main and cfg.speed.flops and store.flops() is None:
         store.put_flops(render.flops(prompts[0], int(cfg.sampling.steps)))
 
+    latency_file = run_dir.path / "latency.json"
+    uncached = is_uncached(cfg.cache)
+    latency_pairs = int(cfg.speed.get("latency_pairs") or 0)
+    if world.is_main and latency_pairs > 0 and not latency_file.is_file():
+        write_json_atomic(latency_file, measure_latency(render, prompts[:latency_pairs], uncached,
+                                                        bool(cfg.speed.warmup)))
+
+    if todo:
+        step_logger.start(config=cfg, run_dir=run_dir.path, name=f"{cfg.name}/{run_name(cfg)}", group=cfg.name)
     attached = attach(pipe, cfg.cache, cfg.model, int(cfg.sampling.steps))
     flops_file = run_dir.path / "flops.json"
     try:
-        if todo and cfg.speed.warmup:
-            render(todo[0], attached.steps)
         if world.is_main and cfg.speed.flops and not flops_file.is_file():
-            write_json_atomic(flops_file, {"flops": render.flops(prompts[0], attached.steps)})
-        for p in tqdm(todo, desc=run_name(cfg), dynamic_ncols=True):
+            flops = store.flops() if uncached and store.flops() else render.flops(prompts[0], attached.steps)
+            write_json_atomic(flops_file, {"flops": flops})
+        for i, p in enumerate(tqdm(todo, desc=run_name(cfg), dynamic_ncols=True)):
             out, seconds = render.timed(p, attached.steps)
+            if i == 0:
+                check_output_size(out, cfg)
             reference, meta = references[p.index]
-            record = {"index": p.index, "prompt": p.text, "seed": p.seed, "rank": world.rank, "latency_s": seconds,
-                      "reference_latency_s": meta["latency_s"]}
+            record = {"index": p.index, "prompt": p.text, "seed": p.seed, "rank": world.rank, "latency_s": seconds}
             if p.image is not None:
                 record["image"] = p.image
             for m in metrics:
@@ -199,7 +261,11 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
                     record[f"reference_{m.name}"] = meta["metrics"][m.name]
             output.save(out, run_dir.output_path(p.index, output.suffix))
             run_dir.append(world.rank, record)
+            step_logger.log_output(record)
         described = attached.describe()
+    except BaseException:
+        step_logger.close(failed=True)
+        raise
     finally:
         attached.detach()
 
@@ -212,7 +278,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
             raise RuntimeError(f"{run_dir.path}: outputs {missing[:10]} missing after every shard finished")
         extra = {"steps": attached.steps, "device": str(device), "world_size": world.size,
                  "flops": read_json(flops_file)["flops"] if flops_file.is_file() else None,
-                 "reference_flops": store.flops(), **described}
+                 "reference_flops": store.flops(), "uncached": uncached,
+                 "latency": read_json(latency_file) if latency_file.is_file() else None, **described}
         summary = summarize(cfg, records, [m.name for m in metrics], unavailable, extra)
         OmegaConf.save(cfg, run_dir.path / "config.yaml", resolve=True)
         run_dir.write_final(records, summary)  # summary.json last: it marks the run finished
@@ -221,7 +288,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         for r in records[: int(cfg.logger.get("grid_size", 8))] if cfg.logger.get("kind", "none") != "none" else []:
             ref = store.get(reference_text(r["prompt"], r.get("image")), r["seed"])
             pairs.append((output.load(run_dir.output_path(r["index"], output.suffix)), ref[0]))
-        build_logger(cfg.logger).log_run(config=cfg, run_dir=run_dir.path, name=f"{cfg.name}/{run_name(cfg)}",
+        step_logger.log_run(config=cfg, run_dir=run_dir.path, name=f"{cfg.name}/{run_name(cfg)}",
                                          group=cfg.name, records=records, summary=summary, pairs=pairs)
         logger.info("%s: %s", run_dir.path, {k: summary.get(k) for k in ("latency_speedup", "flops_speedup", "psnr", "ssim")})
     world.barrier()

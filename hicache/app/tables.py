@@ -2,8 +2,11 @@
 
     python -m hicache.app.tables outputs/                # every experiment under outputs/
     python -m hicache.app.tables outputs/testbed_table   # one experiment
+    python -m hicache.app.tables outputs/testbed_ablation_sigma --plot   # and the sweep plots (hicache.app.plots)
 
-Each row is one run's ``summary.json``. Where the paper published a number for the same model and
+Each row is one run's ``summary.json``. Rows share a table only if they share the experiment, the
+model, the size, the reference steps and the number of prompts (a 4-prompt smoke sweep never sits
+under the footer of the 64-prompt run). Where the paper published a number for the same model and
 setting (``hicache/app/paper_numbers.yaml``, with its source), it is shown beside ours as
 "ours / paper"; a setting the paper does not report shows ours alone.
 """
@@ -104,8 +107,10 @@ def render_experiment(summaries: list[dict], paper: list[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     first = summaries[0]
     notes = [f"Model {first.get('model')}, {first.get('width')}x{first.get('height')}, "
-             f"{first.get('reference_steps')} reference steps, device {first.get('device')}. "
+             f"{first.get('reference_steps')} reference steps, {first.get('num_outputs')} prompts, device {first.get('device')}. "
              f"Speedups and fidelity (PSNR, SSIM, LPIPS) are against the uncached {first.get('reference_steps')}-step outputs."]
+    if any(s.get("latency_speedup") is not None for s in summaries):
+        notes.append(latency_note(summaries))
     ref_quality = [(h, s_key) for h, s_key, _ in used if f"reference_{s_key}" in first]
     if ref_quality:
         notes.append("Uncached reference: " + ", ".join(
@@ -115,15 +120,40 @@ def render_experiment(summaries: list[dict], paper: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
 
 
+def latency_note(summaries: list[dict]) -> str:
+    pairs = sorted({s.get("latency_pairs") for s in summaries if s.get("latency_speedup") is not None},
+                   key=lambda k: (k is None, k or 0))
+    if None in pairs:
+        return ("Latency speedup: some rows divide by stored reference timings of another run (an older version of "
+                "the app); re-run them for same-process timings.")
+    counts = " or ".join(str(k) for k in pairs)
+    return (f"Latency speedup: the uncached and the cached pipeline timed in the same process, in turn, on {counts} "
+            f"of the run's prompts after a warm-up (the uncached row is one timing, so 1.00x); the stored references "
+            f"are reused for quality only.")
+
+
+def table_key(s: dict) -> tuple:
+    """Rows that may share one table (and its footer)."""
+    return (s.get("experiment", "?"), str(s.get("model")), s.get("width"), s.get("height"),
+            s.get("reference_steps"), s.get("num_outputs"))
+
+
 def render(root: str | Path, paper_numbers: str | Path = PAPER_NUMBERS) -> str:
     summaries = load_summaries(root)
     if not summaries:
         raise FileNotFoundError(f"no summary.json under {root}")
     paper = load_paper_numbers(paper_numbers)
-    by_experiment: dict[str, list[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for s in summaries:
-        by_experiment.setdefault(s.get("experiment", "?"), []).append(s)
-    parts = [f"## {name}\n\n{render_experiment(rows, paper)}" for name, rows in sorted(by_experiment.items())]
+        groups.setdefault(table_key(s), []).append(s)
+    per_experiment: dict[str, int] = {}
+    for key in groups:
+        per_experiment[key[0]] = per_experiment.get(key[0], 0) + 1
+    parts = []
+    for key, rows in sorted(groups.items(), key=lambda item: tuple(str(k) for k in item[0])):
+        name, model, width, height, steps, count = key
+        title = name if per_experiment[name] == 1 else f"{name} ({model}, {width}x{height}, {steps} steps, {count} prompts)"
+        parts.append(f"## {title}\n\n{render_experiment(rows, paper)}")
     return "\n".join(parts)
 
 
@@ -131,9 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hicache.app.tables", description=__doc__.splitlines()[0])
     parser.add_argument("outputs", help="an outputs folder (all experiments) or one experiment's folder")
     parser.add_argument("--paper", default=str(PAPER_NUMBERS), help="the paper numbers YAML")
+    parser.add_argument("--plot", action="store_true",
+                        help="also draw PSNR/SSIM against sigma, N and the measured speedup into <outputs>/plots/")
     args = parser.parse_args(argv)
     try:
         print(render(args.outputs, args.paper))
+        if args.plot:
+            from .plots import plot
+
+            for path in plot(args.outputs):
+                print(f"plot: {path}", file=sys.stderr)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

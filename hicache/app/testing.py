@@ -16,6 +16,7 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 TINY_OVERRIDES = (
     "model=tiny_flux", "data=tiny_words", "data.limit=2", "sampling.steps=4", "sampling.height=16",
     "sampling.width=16", "metrics=fidelity", "logger=none", "speed.warmup=false", "speed.flops=false",
+    "speed.latency_pairs=1",
 )
 
 

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from .errors import SetupError
+from .files import temp_file
 from .metrics import BUILDERS, Metric, register_metric
 from .metrics import fidelity
 from .outputs import OUTPUT_KINDS, OutputKind
@@ -68,7 +69,7 @@ def _write(frames: np.ndarray, path: Path, codec: str, pix_fmt_out: str, output_
     import imageio_ffmpeg
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.mp4")
+    fd, tmp = temp_file(path.parent, ".tmp.mp4")
     os.close(fd)
     height, width = frames.shape[1:3]
     writer = imageio_ffmpeg.write_frames(

@@ -156,8 +156,7 @@ def load_predictor(path: str | Path, device: torch.device | str | None = None,
         folder = folder.parent
     config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not (config_file.is_file() and weights_file.is_file()):
-        raise ValueError(f"no LESA predictor at {folder}: expected {CONFIG_FILE} and {WEIGHTS_FILE} there "
-                         "(train one with `python run.py experiment=testbed_lesa_train` or flux_lesa_train)")
+        raise ValueError(f"no LESA predictor at {folder}: expected {CONFIG_FILE} and {WEIGHTS_FILE} there")
     spec = json.loads(config_file.read_text())
     if spec.pop("format", None) != FORMAT:
         raise ValueError(f"{config_file} is not a {FORMAT} file")

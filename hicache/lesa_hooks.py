@@ -99,9 +99,9 @@ class LesaHook(ModelHook):
             with torch.no_grad():
                 forecast = self.predictor(history, t, branch)
         else:
-            with torch.enable_grad():
+            with torch.enable_grad():  # the pipeline runs under no_grad; the update needs the graph
                 forecast = self.predictor(history, t, branch)
-            self.on_prediction(forecast, step.step, branch)
+                self.on_prediction(forecast, step.step, branch)
         return forecast.detach().to(like.dtype)
 
     def _remember(self, state: LesaState, value: torch.Tensor, step: StepState, branch: str) -> None:

@@ -67,6 +67,12 @@ def _attach_hicache(pipe, cache: DictConfig, model: DictConfig, steps: int) -> A
     return AttachedCache(steps, lambda: hicache.remove_cache(transformer), describe)
 
 
+def check_cache(cache: DictConfig, model: DictConfig) -> None:
+    """What can fail before any rendering fails here (a missing LESA predictor), not after the references."""
+    if cache.get("family", "hicache") == "hicache" and cache.get("method") == "lesa":
+        _lesa_predictor(cache, model)
+
+
 def _lesa_predictor(cache: DictConfig, model: DictConfig):
     """The LESA predictor of ``cache.predictor`` (a folder), or a one-line error saying how to make one."""
     from hicache.lesa import load_predictor

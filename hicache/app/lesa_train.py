@@ -44,6 +44,7 @@ from hicache.recipes.lesa import get_lesa_recipe
 from .errors import SetupError
 from .pipelines import load_pipeline, resolve_device, resolve_dtype
 from .prompts import Prompt, load_prompts
+from . import video  # noqa: E402,F401  (registers the video pipelines' loaders)
 
 logger = logging.getLogger(__name__)
 

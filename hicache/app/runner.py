@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from . import distributed
-from .caching import attach
+from .caching import attach, check_cache
 from .loggers import build_logger
 from .metrics import Metric, build_metrics
 from .outputs import OutputKind, output_kind
@@ -154,6 +154,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         return run_dir.summary()
 
     video.check_metrics(cfg.model, cfg.metrics)
+    check_cache(cfg.cache, cfg.model)
     output = output_kind(cfg.model.get("output", "image"))
     pipe = load_pipeline(cfg.model, device)
     prompts = load_prompts(cfg.data, int(cfg.sampling.seed_offset))

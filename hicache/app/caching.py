@@ -44,6 +44,19 @@ def attach(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCa
 
 
 def _attach_hicache(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCache:
+    config = _hicache_config(cache, model, steps)
+    transformer = pipe.transformer
+    hicache.apply_cache(transformer, config, recipe=model.get("recipe", "flux"))
+
+    def describe() -> dict[str, Any]:
+        summary = hicache.cache_summary(transformer, steps)
+        return {"full_steps": summary.full_steps, "ideal_speedup": summary.ideal_speedup,
+                "cache_mib": summary.cache_bytes / 2**20}
+
+    return AttachedCache(steps, lambda: hicache.remove_cache(transformer), describe)
+
+
+def _hicache_config(cache: DictConfig, model: DictConfig, steps: int) -> hicache.CacheConfig:
     fields = {k: cache[k] for k in HICACHE_FIELDS if k in cache and cache[k] is not None}
     for key in ("full_steps", "extra_full_steps"):
         if key in fields:
@@ -56,21 +69,14 @@ def _attach_hicache(pipe, cache: DictConfig, model: DictConfig, steps: int) -> A
             raise SetupError(f"cache.predictor={cache.predictor}: {err}") from None
     else:
         config = hicache.CacheConfig(**fields, num_inference_steps=steps)
-    transformer = pipe.transformer
-    hicache.apply_cache(transformer, config, recipe=model.get("recipe", "flux"))
-
-    def describe() -> dict[str, Any]:
-        summary = hicache.cache_summary(transformer, steps)
-        return {"full_steps": summary.full_steps, "ideal_speedup": summary.ideal_speedup,
-                "cache_mib": summary.cache_bytes / 2**20}
-
-    return AttachedCache(steps, lambda: hicache.remove_cache(transformer), describe)
+    return config
 
 
-def check_cache(cache: DictConfig, model: DictConfig) -> None:
-    """What can fail before any rendering fails here (a missing LESA predictor), not after the references."""
+def check_cache(cache: DictConfig, model: DictConfig, steps: int) -> None:
+    """What can fail before any rendering fails here (a missing or mismatched LESA predictor), not after the
+    references."""
     if cache.get("family", "hicache") == "hicache" and cache.get("method") == "lesa":
-        _lesa_predictor(cache, model)
+        _hicache_config(cache, model, steps)
 
 
 def _lesa_predictor(cache: DictConfig, model: DictConfig):

@@ -154,7 +154,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         return run_dir.summary()
 
     video.check_metrics(cfg.model, cfg.metrics)
-    check_cache(cfg.cache, cfg.model)
+    check_cache(cfg.cache, cfg.model, int(cfg.sampling.steps))
     output = output_kind(cfg.model.get("output", "image"))
     pipe = load_pipeline(cfg.model, device)
     prompts = load_prompts(cfg.data, int(cfg.sampling.seed_offset))

@@ -74,7 +74,8 @@ def apply_cache(model, config: CacheConfig, recipe: str | Recipe = "flux") -> Ca
     diffusers pipeline's ``transformer``, in which case each call's step count is the pipeline's own (what
     ``final_full_steps`` needs: diffusers pipelines do not put it in their cache context).
 
-    ``recipe`` is a registered name ("flux", ...) or a `Recipe` of forecast and skip regexes. Calls of
+    ``recipe`` is a registered name ("flux", ...) or a `Recipe` of forecast and skip regexes (for
+    ``method="lesa"``: the name of a registered `hicache.recipes.lesa.LesaRecipe`, or one). Calls of
     ``model`` must run inside a cache context: diffusers pipelines open one (``cache_context("cond")``) for
     `CacheMixin` models; elsewhere use `hicache.cache_context(model, "cond")` around the call or the loop.
     """
@@ -85,6 +86,15 @@ def apply_cache(model, config: CacheConfig, recipe: str | Recipe = "flux") -> Ca
         raise ValueError("hicache is already applied to this model; call hicache.remove_cache(model) first")
     if getattr(model, "is_cache_enabled", False):
         raise ValueError("a diffusers cache is already enabled on this model; call model.disable_cache() first")
+    if config.method == "lesa":  # one learned forecast, the whole stack skipped: its own hooks and recipes
+        from .lesa_hooks import attach_lesa
+        from .recipes.lesa import get_lesa_recipe
+
+        lesa_recipe = get_lesa_recipe(recipe)
+        handle = CacheHandle(config=config, recipe=lesa_recipe)
+        attach_lesa(model, config, lesa_recipe, handle, pipeline_step_count(pipe) if pipe is not None else None)
+        setattr(model, _HANDLE_ATTR, handle)
+        return handle
     recipe = get_recipe(recipe)
     handle = CacheHandle(config=config, recipe=recipe)
 

@@ -10,14 +10,18 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
 from .forecast import METHODS, AnalyticSigma
 from .schedule import Schedule
 
-ALL_METHODS = ("none",) + METHODS
+LEARNED_METHODS = ("lesa",)  # forecast by a trained module (`hicache.lesa`), not a basis of `hicache.forecast`
+ALL_METHODS = ("none",) + METHODS + LEARNED_METHODS
+# The forced full steps of each method's official schedule when `extra_full_steps` is not given.
+DEFAULT_EXTRA_FULL_STEPS = {"lesa": (3,)}
 # HiCache's order-i weight sigma^i H_i(sigma k) / i! grows like (2 sigma^2 k)^i / i!: Taylor's with the step k
 # stretched 2 sigma^2 times. The paper's contraction range is (0, 1] (sigma = 1/sqrt(2) is Taylor's own step,
 # sigma = 1 "no contraction" doubles it); sigma = 2 stretches it 8-fold, past any useful forecast, and much
@@ -54,7 +58,7 @@ class CacheConfig:
     """How to cache: the forecasting method, its schedule and its numerics.
 
     Args:
-        method: "none", "fora", "taylorseer", "hicache", "hi_taylor" or "hicache_analytic".
+        method: "none", "fora", "taylorseer", "hicache", "hi_taylor", "hicache_analytic" or "lesa".
         interval: N, the distance between full steps after warm-up.
         warmup: W, the first W steps are full; differences are formed from step W-1 on.
         order: O, the highest divided difference kept (ignored by "fora").
@@ -62,6 +66,10 @@ class CacheConfig:
         full_steps: an explicit list of full steps (ints), replacing the interval rule (must hold 0).
         final_full_steps: force the last K steps full (needs the step count: `num_inference_steps`,
             the cache context's, or the pipeline's when the cache is applied to the pipeline).
+        extra_full_steps: steps forced full on top of the rule (None: the method's official ones, step 3
+            for "lesa", none otherwise).
+        predictor: "lesa" only: a `hicache.lesa.LesaPredictor` or the folder it was saved to; it must have
+            been trained for this interval (LESA trains one predictor per N).
         num_inference_steps: the number of denoising steps, if known in advance.
         factor_dtype: floating dtype of the stored differences (float32 by default, whatever the model's).
         analytic_alpha, analytic_sigma_max, analytic_beta, analytic_eps: "hicache_analytic" knobs.
@@ -80,6 +88,8 @@ class CacheConfig:
     analytic_sigma_max: float = 1.0
     analytic_beta: float = 0.01
     analytic_eps: float = 1e-6
+    extra_full_steps: Sequence[int] | None = None
+    predictor: Any = field(default=None, repr=False)
     schedule: Schedule = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -99,14 +109,45 @@ class CacheConfig:
         if not (math.isfinite(self.analytic_alpha) and self.analytic_alpha > 0 and 0 < self.analytic_beta <= 1):
             raise ValueError("hicache_analytic needs a finite alpha > 0 and 0 < beta <= 1")
         self.factor_dtype = _as_dtype(self.factor_dtype)
+        if self.extra_full_steps is None:
+            self.extra_full_steps = DEFAULT_EXTRA_FULL_STEPS.get(self.method, ())
+        for step in self.extra_full_steps:
+            _check_int("every entry of extra_full_steps", step, 0)
+        self.extra_full_steps = tuple(self.extra_full_steps)
+        if self.method == "lesa":
+            self.predictor = _lesa_predictor(self.predictor, int(self.interval), self.num_inference_steps)
+        elif self.predictor is not None:
+            raise ValueError(f"predictor= is for method='lesa', not {self.method!r}")
         self.schedule = Schedule(
             interval=int(self.interval),
             warmup=int(self.warmup),
             full_steps=tuple(self.full_steps) if self.full_steps is not None else None,
             final_full_steps=int(self.final_full_steps),
             num_steps=self.num_inference_steps,
+            extra_full_steps=self.extra_full_steps,
         )
 
     @property
     def analytic(self) -> AnalyticSigma:
         return AnalyticSigma(self.analytic_alpha, self.analytic_sigma_max, self.analytic_beta, self.analytic_eps)
+
+
+def _lesa_predictor(predictor: Any, interval: int, num_steps: int | None):
+    """The loaded predictor of a "lesa" config, checked against the interval and step count it runs at."""
+    from .lesa import LesaPredictor, load_predictor
+
+    if predictor is None:
+        raise ValueError("method='lesa' needs predictor=<folder with predictor.json and predictor.safetensors> "
+                         "or a hicache.lesa.LesaPredictor")
+    if isinstance(predictor, (str, Path)):
+        predictor = load_predictor(predictor)
+    if not isinstance(predictor, LesaPredictor):
+        raise ValueError(f"predictor must be a hicache.lesa.LesaPredictor or its folder, got {type(predictor).__name__}")
+    trained = predictor.config
+    if trained.interval != interval:
+        raise ValueError(f"this LESA predictor was trained for interval {trained.interval}, not {interval}: "
+                         f"use a predictor trained at N={interval} (LESA trains one per N)")
+    if num_steps is not None and trained.num_steps != num_steps:
+        raise ValueError(f"this LESA predictor was trained on a {trained.num_steps}-step schedule, "
+                         f"not {num_steps} steps")
+    return predictor

@@ -3,7 +3,8 @@
 The interval rule matches the paper's counts: with interval N and warm-up W, steps s < W are full,
 then s = W - 1 + j N. N=7, W=3 on 50 steps gives 0,1,2,9,16,23,30,37,44: nine full steps, the
 paper's 50/9 = 5.55x. An explicit list of full steps replaces the rule; the last K steps can be
-forced full either way. Pure integer logic, no torch.
+forced full either way, and so can any listed steps (``extra_full_steps``: LESA's official schedule forces
+step 3, so N=7 runs 10 full steps of 50 and N=10 runs 8). Pure integer logic, no torch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class Schedule:
     full_steps: tuple[int, ...] | None = None
     final_full_steps: int = 0
     num_steps: int | None = None
+    extra_full_steps: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.interval < 1:
@@ -34,10 +36,16 @@ class Schedule:
             if not steps or steps[0] != 0 or any(s < 0 for s in steps):
                 raise ValueError(f"full_steps must contain step 0 and no negative steps, got {list(self.full_steps)}")
             object.__setattr__(self, "full_steps", steps)
+        extra = tuple(sorted(set(int(s) for s in self.extra_full_steps)))
+        if any(s < 0 for s in extra):
+            raise ValueError(f"extra_full_steps must not be negative, got {list(self.extra_full_steps)}")
+        object.__setattr__(self, "extra_full_steps", extra)
 
     def is_full(self, step: int, num_steps: int | None = None) -> bool:
         total = num_steps if num_steps is not None else self.num_steps
         if self.final_full_steps and total is not None and step >= total - self.final_full_steps:
+            return True
+        if step in self.extra_full_steps:
             return True
         if self.full_steps is not None:
             return step in self.full_steps

@@ -78,9 +78,9 @@ MODELS = {
 
 
 @torch.no_grad()
-def _sample(model, inputs, recipe) -> torch.Tensor:
+def _sample(model, inputs, recipe, config=CONFIG) -> torch.Tensor:
     """A short Euler loop with the cache applied; returns the final sample."""
-    hicache.apply_cache(model, CONFIG, recipe)
+    hicache.apply_cache(model, config, recipe)
     try:
         x = inputs["hidden_states"].clone()
         for i in range(STEPS):
@@ -107,6 +107,50 @@ def test_skipped_outputs_are_dead_at_cached_steps(name):
     assert report.ok, str(report)
     assert set(report.stand_ins.values()) == {"skip", "skip_empty", "skip_broadcast", "live_chunks"}
     assert str(report).startswith(f"recipe {recipe!r} on {type(model).__name__}: OK.")
+
+
+def _lesa_random_stand_ins(monkeypatch):
+    """Random values instead of zeros for every skipped module's output (LESA has no live chunks)."""
+    g = torch.Generator().manual_seed(1)
+
+    def noisy(self, module_name):
+        out = tuple(None if s is None else torch.randn(s[0], generator=g).to(s[1]) for s in self.specs)
+        return out[0] if self.is_tensor else out
+
+    monkeypatch.setattr(hooks.SkipState, "zeros", noisy)
+
+
+def _lesa_config() -> hicache.CacheConfig:
+    """LESA on the toy loop's schedule (t = 1 - i/6): full at 0, 1, 3, 4; steps 2 and 5 forecast."""
+    from hicache.lesa import LesaPredictor, LesaPredictorConfig
+
+    torch.manual_seed(0)
+    predictor = LesaPredictor(LesaPredictorConfig(timesteps=[1 - i / STEPS for i in range(STEPS + 1)], interval=3,
+                                                  warmup=2, history_depth=2, hidden_dim=4))
+    return hicache.CacheConfig("lesa", interval=3, warmup=2, predictor=predictor)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_lesa_skipped_outputs_are_dead_at_cached_steps(name, monkeypatch):
+    """LESA skips the whole stack before its forecast tensor: every skipped output must be dead."""
+    model, inputs, recipe = MODELS[name]()
+    with_zeros = _sample(model, inputs, recipe, _lesa_config())
+    _lesa_random_stand_ins(monkeypatch)
+    with_noise = _sample(model, inputs, recipe, _lesa_config())
+    torch.testing.assert_close(with_noise, with_zeros, rtol=0, atol=0)
+
+
+def test_a_live_lesa_skip_changes_the_result(monkeypatch):
+    """Skipping FLUX's time embedding, which norm_out reads after the forecast, is caught."""
+    from dataclasses import replace
+
+    from hicache.recipes.lesa import get_lesa_recipe
+
+    model, inputs, recipe = _flux()
+    live = replace(get_lesa_recipe(recipe), name="live", skip=(*get_lesa_recipe(recipe).skip, r"time_text_embed"))
+    with_zeros = _sample(model, inputs, live, _lesa_config())
+    _lesa_random_stand_ins(monkeypatch)
+    assert not torch.equal(_sample(model, inputs, live, _lesa_config()), with_zeros)
 
 
 def test_a_live_skipped_output_is_caught_and_named():

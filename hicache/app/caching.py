@@ -23,7 +23,8 @@ from hicache.schedule import Schedule, same_cost_steps
 from .errors import SetupError
 
 HICACHE_FIELDS = ("method", "interval", "warmup", "order", "sigma", "full_steps", "final_full_steps",
-                  "factor_dtype", "analytic_alpha", "analytic_sigma_max", "analytic_beta", "analytic_eps")
+                  "factor_dtype", "analytic_alpha", "analytic_sigma_max", "analytic_beta", "analytic_eps",
+                  "extra_full_steps", "predictor")
 
 
 @dataclass
@@ -48,11 +49,18 @@ def attach(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCa
     return ATTACHERS[family](pipe, cache, model, steps)
 
 
-def hicache_config(cache: DictConfig, steps: int) -> hicache.CacheConfig:
+def hicache_config(cache: DictConfig, steps: int, model: DictConfig | None = None) -> hicache.CacheConfig:
     """The `hicache.CacheConfig` of a hicache-family cache config; its one-line `ValueError` becomes a `SetupError`."""
     fields = {k: cache[k] for k in HICACHE_FIELDS if k in cache and cache[k] is not None}
-    if "full_steps" in fields:
-        fields["full_steps"] = list(fields["full_steps"])
+    for key in ("full_steps", "extra_full_steps"):
+        if key in fields:
+            fields[key] = list(fields[key])
+    if fields.get("method") == "lesa":
+        fields["predictor"] = _lesa_predictor(cache, model if model is not None else {})
+        try:
+            return hicache.CacheConfig(**fields, num_inference_steps=steps)
+        except ValueError as err:  # a predictor trained for another N or step count
+            raise SetupError(f"cache.predictor={cache.predictor}: {err}") from None
     try:
         return hicache.CacheConfig(**fields, num_inference_steps=steps)
     except (ValueError, TypeError) as err:
@@ -60,7 +68,7 @@ def hicache_config(cache: DictConfig, steps: int) -> hicache.CacheConfig:
 
 
 def _attach_hicache(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCache:
-    config = hicache_config(cache, steps)
+    config = hicache_config(cache, steps, model)
     transformer = pipe.transformer
     hicache.apply_cache(transformer, config, recipe=model.get("recipe", "flux"))
 
@@ -70,6 +78,20 @@ def _attach_hicache(pipe, cache: DictConfig, model: DictConfig, steps: int) -> A
                 "cache_mib": summary.cache_bytes / 2**20}
 
     return AttachedCache(steps, lambda: hicache.remove_cache(transformer), describe, uncached=config.method == "none")
+
+
+def _lesa_predictor(cache: DictConfig, model: DictConfig):
+    """The LESA predictor of ``cache.predictor`` (a folder), or a one-line error saying how to make one."""
+    from hicache.lesa import load_predictor
+
+    path = cache.get("predictor")
+    hint = cache.get("predictor_hint") or "train one with `python run.py experiment=testbed_lesa_train`"
+    if not path:
+        raise SetupError(f"cache=lesa needs cache.predictor=<folder of a trained LESA predictor>; {hint}")
+    try:
+        return load_predictor(path)
+    except ValueError as err:
+        raise SetupError(f"model {model.get('name')}, LESA N={cache.interval}: {err}; {hint}") from None
 
 
 def _attach_step_reduction(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCache:

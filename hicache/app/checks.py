@@ -66,13 +66,14 @@ def check_sampling(cfg: DictConfig) -> None:
     _positive_int(cfg.data.get("limit"), "data.limit", allow_none=True)
 
 
-def check_hicache_values(cache: DictConfig, steps: int) -> None:
-    """Build the `hicache.CacheConfig` the run will attach, so a bad value fails before any work."""
+def check_hicache_values(cache: DictConfig, steps: int, model: DictConfig | None = None) -> None:
+    """Build the `hicache.CacheConfig` the run will attach (loading a LESA predictor too), so a bad value or a
+    missing predictor fails before any work."""
     if cache.get("family", "hicache") != "hicache":
         return
     from .caching import hicache_config
 
-    hicache_config(cache, steps)
+    hicache_config(cache, steps, model)
 
 
 def check_config(cfg: DictConfig, group: str | None = None, group_method: str | None = None) -> None:
@@ -80,7 +81,7 @@ def check_config(cfg: DictConfig, group: str | None = None, group_method: str | 
     check_sampling(cfg)
     check_cache_keys(cfg.cache)
     check_cache_group(cfg.cache, group, group_method)
-    check_hicache_values(cfg.cache, int(cfg.sampling.steps))
+    check_hicache_values(cfg.cache, int(cfg.sampling.steps), cfg.model)
 
 
 def size_multiple(pipe) -> int | None:

@@ -110,7 +110,25 @@ def _from_testbed(data: DictConfig) -> list[str]:
     return list(heldout_captions(int(data.n), int(data.seed)))
 
 
-SOURCES = {"list": _from_list, "file": _from_file, "hub": _from_hub, "testbed": _from_testbed}
+def _from_testbed_training(data: DictConfig) -> list[str]:
+    """The first ``n`` distinct captions of the testbed's training stream (never a held-out one): for training on
+    the testbed's outputs (LESA predictors)."""
+    from hicache.testbeds.flux_shapes import ShapesDataset
+    from hicache.testbeds.flux_shapes.dataset import is_heldout
+
+    stream, captions, index = ShapesDataset(seed=int(data.seed)), [], 0
+    while len(captions) < int(data.n):
+        caption = stream.scene(index).caption
+        index += 1
+        if caption not in captions:
+            if is_heldout(caption):  # the stream never yields one; a held-out caption here is a testbed bug
+                raise RuntimeError(f"the testbed's training stream yielded the held-out caption {caption!r}")
+            captions.append(caption)
+    return captions
+
+
+SOURCES = {"list": _from_list, "file": _from_file, "hub": _from_hub, "testbed": _from_testbed,
+           "testbed_training": _from_testbed_training}
 
 
 def load_input_image(path: str | Path):

@@ -1,4 +1,5 @@
-"""Training runs behind `run.py` (`experiment=testbed_train`, `experiment=inf_dit_sr_testbed_train`).
+"""Training runs behind `run.py` (`experiment=testbed_train`, `experiment=inf_dit_sr_testbed_train`, and the LESA
+predictors, `experiment=*_lesa_train`, in `hicache.app.lesa_train`).
 
 Training a testbed is an experiment like any other: composed by Hydra from the `train` group, written under
 `outputs/<name>/`, and exported into the shipped weights folder only when asked (`train.export_dir`). The trainers
@@ -24,6 +25,11 @@ def run_train(cfg: DictConfig) -> dict:
     """Train the testbed named by `train.kind`; returns its final measurements."""
     trainers = {"flux_shapes": _train_flux_shapes, "inf_dit_sr": _train_inf_dit_sr}
     kind = cfg.train.get("kind")
+    if kind == "lesa":  # a predictor for a model's cache, not a testbed: it needs the whole config
+        from .lesa_train import run_lesa_train
+
+        torch.set_num_threads(int(cfg.train.threads))
+        return run_lesa_train(cfg)
     if kind not in trainers:
         raise SetupError(f"train.kind={kind!r} is not a testbed; known: {', '.join(trainers)}")
     torch.set_num_threads(int(cfg.train.threads))

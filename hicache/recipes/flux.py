@@ -11,3 +11,17 @@ rows. A cached step then runs only the embeddings, the gates and the residual ad
 from . import double_single_stream, register_recipe
 
 FLUX = register_recipe(double_single_stream("flux"))
+
+from .lesa import LesaRecipe, register_lesa_recipe  # noqa: E402
+
+# LESA forecasts the image hidden state after the last single-stream block, the input of ``norm_out``
+# (diffusers' single-stream blocks already return the image tokens alone); the embeddings of the image, text
+# and positions and every block only feed it. ``time_text_embed`` runs: ``norm_out`` reads its ``temb``.
+FLUX_LESA = register_lesa_recipe(LesaRecipe(
+    name="flux",
+    target="norm_out",
+    io="input",
+    skip=(r"x_embedder", r"context_embedder", r"pos_embed", r"transformer_blocks\.\d+",
+          r"single_transformer_blocks\.\d+"),
+    timestep_scale=1.0,
+))

@@ -20,3 +20,19 @@ The patterns are anchored on the top-level block lists, so the refiner's own ``a
 from . import double_single_stream, register_recipe
 
 HUNYUAN_VIDEO = register_recipe(double_single_stream("hunyuan_video"))
+
+from .lesa import LesaRecipe, register_lesa_recipe  # noqa: E402
+
+# LESA forecasts the model output. Here it is taken as the output of ``proj_out``, before the unpatchify
+# reshape and permute: the predictor is elementwise along the history axis (and its loss a mean), so forecasting
+# a permutation of the output is the same forecast, and ``proj_out`` and ``norm_out`` need not run. Everything
+# before them (embeddings, token refiner, rotary embedding, blocks) only feeds them. The pipeline passes
+# timestep = 1000 t.
+HUNYUAN_VIDEO_LESA = register_lesa_recipe(LesaRecipe(
+    name="hunyuan_video",
+    target="proj_out",
+    io="output",
+    skip=(r"x_embedder", r"context_embedder", r"time_text_embed", r"rope", r"transformer_blocks\.\d+",
+          r"single_transformer_blocks\.\d+", r"norm_out"),
+    timestep_scale=1e-3,
+))

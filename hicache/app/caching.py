@@ -12,6 +12,7 @@ A cache config has a ``family``:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,9 +23,8 @@ from hicache.schedule import Schedule, same_cost_steps
 
 from .errors import SetupError
 
-HICACHE_FIELDS = ("method", "interval", "warmup", "order", "sigma", "full_steps", "final_full_steps",
-                  "factor_dtype", "analytic_alpha", "analytic_sigma_max", "analytic_beta", "analytic_eps",
-                  "extra_full_steps", "predictor")
+# every `hicache.CacheConfig` field a cache config may set (a new method's fields come with it)
+HICACHE_FIELDS = tuple(f.name for f in dataclasses.fields(hicache.CacheConfig) if f.init)
 
 
 @dataclass

@@ -22,8 +22,9 @@ from .errors import SetupError
 # What every cache family reads besides its own fields (the table row's columns and the run's name).
 ROW_KEYS = ("family", "method", "label", "name", "interval", "warmup", "order", "sigma")
 FAMILY_KEYS = {
+    # CacheConfig's fields (hicache.app.caching.HICACHE_FIELDS), and where LESA finds its predictor
     "hicache": ("full_steps", "final_full_steps", "factor_dtype", "analytic_alpha", "analytic_sigma_max",
-                "analytic_beta", "analytic_eps"),
+                "analytic_beta", "analytic_eps", "predictor_dir", "predictor_hint"),
     "diffusers": ("config_class", "config"),
     "step_reduction": (),
 }
@@ -45,6 +46,10 @@ def check_cache_keys(cache: DictConfig) -> None:
     if family not in FAMILY_KEYS:
         raise SetupError(f"cache.family={family!r} is unknown; known: {', '.join(sorted(FAMILY_KEYS))}")
     known = set(ROW_KEYS) | set(FAMILY_KEYS[family])
+    if family == "hicache":
+        from .caching import HICACHE_FIELDS
+
+        known |= set(HICACHE_FIELDS)
     unknown = sorted(set(cache.keys()) - known)
     if unknown:
         raise SetupError(f"cache.{unknown[0]} is not a setting of the {family} cache family; known keys: "

@@ -90,6 +90,15 @@ def check_recipe(model: torch.nn.Module, recipe: str | Recipe, example_inputs: M
     def run(random: Iterable[str] = ()) -> list[torch.Tensor]:
         return _cached_outputs(model, recipe, args, kwargs, set(random), seed)
 
+    training = model.training
+    model.eval()  # dropout would change the output between runs as a live stand-in does
+    try:
+        return _check(recipe, model, forecast, stand_ins, run)
+    finally:
+        model.train(training)
+
+
+def _check(recipe: Recipe, model, forecast: list[str], stand_ins: dict[str, str], run) -> RecipeReport:
     zeros = run()
     report = RecipeReport(recipe.name, type(model).__name__, forecast, stand_ins, cached_steps=2)
     if not stand_ins or _change(zeros, run(stand_ins)) == 0:

@@ -406,3 +406,10 @@ def test_a_hooked_submodule_called_before_its_root_is_a_one_line_error():
                 assert "\n" not in str(err.value)
     finally:
         hicache.remove_cache(model)
+
+
+def test_check_recipe_runs_in_eval_mode_and_restores_the_mode():
+    """Dropout would change the output between the two passes just as a live stand-in does."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5), torch.nn.Linear(3, 3)).train()
+    assert hicache.check_recipe(model, hicache.Recipe(forecast=["2"], skip=["0"], name="dropout"), (torch.randn(4, 3),)).ok
+    assert model.training

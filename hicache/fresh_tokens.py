@@ -209,6 +209,9 @@ class FreshTokenHooks:
                     raise ValueError(f"recipe {recipe.name!r}: select module {name!r} also has the role {recipe.role(name)}")
             self.fresh_modules.update({n: (key, spec) for n in fresh if n not in self.fresh_modules})
             self.selects.update({n: (key, spec) for n in selects})
+        order = {n: i for i, n in enumerate(modules)}  # model order, for the summary
+        self.fresh_modules = dict(sorted(self.fresh_modules.items(), key=lambda item: order[item[0]]))
+        self.selects = dict(sorted(self.selects.items(), key=lambda item: order[item[0]]))
         self.sources: dict[str, list[ClusterSource]] = {}
         if CLUSTERS_AT_FULL_STEPS[config.method]:
             missing = {f.stream for f in recipe.fresh_tokens} - {s.stream for s in recipe.cluster_sources}

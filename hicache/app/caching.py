@@ -3,7 +3,8 @@
 A cache config has a ``family``:
 
 - ``hicache``: `hicache.CacheConfig` fields (method none/fora/taylorseer/hicache/hi_taylor/
-  hicache_analytic, interval, warmup, order, sigma, ...) and the model's recipe;
+  hicache_analytic/clusca/hi_clusca, interval, warmup, order, sigma, clusters, propagation, seed, ...)
+  and the model's recipe;
 - ``diffusers``: one of diffusers' own caches, applied with ``transformer.enable_cache(<Config>)``
   (``config`` holds the keyword arguments of the diffusers config class named by ``config_class``);
 - ``step_reduction``: no cache, but as many plain steps as the schedule (interval, warmup) runs
@@ -24,7 +25,7 @@ from .errors import SetupError
 
 HICACHE_FIELDS = ("method", "interval", "warmup", "order", "sigma", "full_steps", "final_full_steps",
                   "factor_dtype", "analytic_alpha", "analytic_sigma_max", "analytic_beta", "analytic_eps",
-                  "extra_full_steps", "predictor")
+                  "extra_full_steps", "predictor", "clusters", "propagation", "seed")
 
 
 @dataclass
@@ -75,7 +76,8 @@ def _attach_hicache(pipe, cache: DictConfig, model: DictConfig, steps: int) -> A
     def describe() -> dict[str, Any]:
         summary = hicache.cache_summary(transformer, steps)
         return {"full_steps": summary.full_steps, "ideal_speedup": summary.ideal_speedup,
-                "cache_mib": summary.cache_bytes / 2**20}
+                "cache_mib": summary.cache_bytes / 2**20,
+                **({"fresh_modules": len(summary.fresh_tokens["fresh_modules"])} if summary.fresh_tokens else {})}
 
     return AttachedCache(steps, lambda: hicache.remove_cache(transformer), describe, uncached=config.method == "none")
 

@@ -71,7 +71,10 @@ def hicache_config(cache: DictConfig, steps: int, model: DictConfig | None = Non
 def _attach_hicache(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCache:
     config = hicache_config(cache, steps, model)
     transformer = pipe.transformer
-    hicache.apply_cache(transformer, config, recipe=model.get("recipe", "flux"))
+    try:  # a method the model's recipe cannot run (clusca without fresh tokens): one line
+        hicache.apply_cache(transformer, config, recipe=model.get("recipe", "flux"))
+    except ValueError as err:
+        raise SetupError(f"cache={cache.get('method')}, model {model.get('name')}: {err}") from None
 
     def describe() -> dict[str, Any]:
         summary = hicache.cache_summary(transformer, steps)

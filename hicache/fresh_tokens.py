@@ -115,10 +115,10 @@ class SelectTokensHook(ModelHook):
         step = current_step(self.steps, self.module_name)
         if step.is_full:
             return self.fn_ref.original_forward(*args, **kwargs)
-        x = args[0] if args else next(iter(kwargs.values()))
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(f"hicache: fresh-token select module {self.module_name!r} must take tokens "
-                             f"[batch, tokens, channels] as its first input")
+        if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
+            raise ValueError(f"hicache: fresh-token select module {self.module_name!r} must be called with the tokens "
+                             f"[batch, tokens, channels] as its first positional input")
+        x = args[0]
         state: ClusterState = self.clusters.get_state()
         labels = state.labels.get(self.spec.stream)
         if labels is None or labels.shape != x.shape[:2]:
@@ -127,8 +127,7 @@ class SelectTokensHook(ModelHook):
         indices = C.draw_fresh(labels, self.num_clusters, state.generator)
         state.pending[self.key] = indices
         rows = C.gather_tokens(x, indices)
-        return self.fn_ref.original_forward(rows, *args[1:], **kwargs) if args else \
-            self.fn_ref.original_forward(**{**kwargs, next(iter(kwargs)): rows})
+        return self.fn_ref.original_forward(rows, *args[1:], **kwargs)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.clusters.reset()

@@ -50,7 +50,8 @@ class FreshTokens:
     Args:
         module: regex of the forecast modules (e.g. each double-stream block's image MLP).
         select: regex of the module, one per block, that feeds ``module`` and works token by token (a
-            LayerNorm followed only by per-token arithmetic such as adaLN's scale and shift). Its input
+            LayerNorm followed only by arithmetic that broadcasts over the tokens, such as adaLN's per-sample
+            scale and shift; not a per-token modulation index like Qwen-Image-Edit's ``zero_cond_t``). Its input
             holds the stream's tokens (the residual stream); at cached steps it runs on the K selected
             rows only, so ``module`` receives and computes K tokens. Hi-ClusCa clusters this input, in the
             first block, at the first cached step.

@@ -9,7 +9,7 @@ import hicache
 from hicache import clusters as C
 from hicache import fresh_tokens, hooks
 from hicache.app.speed import count_transformer_flops
-from hicache.tiny import tiny_flux_pipeline, tiny_flux_transformer
+from hicache.testbeds.tiny.flux import tiny_flux_pipeline, tiny_flux_transformer
 
 STEPS = 8
 GEN = dict(height=32, width=32, num_inference_steps=STEPS, output_type="pt", max_sequence_length=16)

@@ -1,10 +1,10 @@
-"""`python -m hicache.paired`: per-prompt wins, ties and mean differences of two runs."""
+"""`python -m hicache.app.compare_runs`: per-prompt wins, ties and mean differences of two runs."""
 
 import json
 
 import pytest
 
-from hicache import paired
+from hicache.app import compare_runs as paired
 
 
 def write_run(root, name, values):

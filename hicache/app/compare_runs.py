@@ -1,12 +1,13 @@
-"""Paired per-prompt comparison of two runs of one experiment: who wins on each prompt, and by how much.
+"""Named pairs of runs of one experiment, prompt by prompt: who wins, by how much, and how significantly.
 
-    python -m hicache.paired outputs/testbed_ablation_clusca clusca_N7_O1_K16_g0.005 hi_clusca_N7_O1_s0.5_K16_g0.005
-    python -m hicache.paired outputs/testbed_ablation_clusca A B C D --metrics psnr ssim   # pairs A-B and C-D
+    python -m hicache.app.compare_runs outputs/testbed_ablation_clusca clusca_N7_O1_K16_g0.005 hi_clusca_N7_O1_s0.5_K16_g0.005
+    python -m hicache.app.compare_runs outputs/testbed_ablation_clusca A B C D --metrics psnr ssim   # pairs A-B and C-D
 
 Means over prompts hide how often a method is better: with the same prompts and seeds in both runs, each
 prompt is a pair. For each metric (higher is better) the table gives A's wins, ties and B's wins, the mean
 of A - B, and the two-sided Wilcoxon signed-rank p-value (scipy.stats; ties dropped, "n/a" under 2 pairs).
-Each run's per-prompt values come from its ``metrics.jsonl``.
+Each run's per-prompt values come from its ``metrics.jsonl``. (`hicache.app.paired` instead counts wins of
+every pair of runs with the same number of full steps.)
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def render(root: Path, pairs: list[tuple[str, str]], metrics: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hicache.paired", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hicache.app.compare_runs", description=__doc__.splitlines()[0])
     parser.add_argument("experiment", help="an experiment's outputs folder, e.g. outputs/testbed_ablation_clusca")
     parser.add_argument("runs", nargs="+", help="run names in pairs: A B [C D ...]")
     parser.add_argument("--metrics", nargs="+", default=["psnr", "ssim"], help="per-prompt metrics, higher is better")

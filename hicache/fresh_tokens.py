@@ -18,8 +18,8 @@ context through a `StateManager`:
   difference is taken against it.
 
 Randomness: one CPU `torch.Generator` per cache context, seeded with ``config.seed`` when the context's
-state is created, i.e. at the first call of every pipeline run (pipelines reset the hooks' state at
-the end of each call). Draws come in the official order: K-means initial rows where a clustering has
+state starts, i.e. at the start of every sampling loop (pipelines reset the hooks' state at the end of
+each call, and the step hook starts a new loop by itself: `hooks.StepHook.starts_new_loop`). Draws come in the official order: K-means initial rows where a clustering has
 no centroids (image before text), then one ``rand(B, N)`` per selection, block by block, ``ff`` before
 ``ff_context``. The official code uses the unseeded global RNG instead (a deliberate divergence).
 """
@@ -49,6 +49,7 @@ class ClusterState(BaseState):
 
     def __init__(self, seed: int):
         self.seed = seed
+        self.loop: int | None = None  # the sampling loop (`hooks.StepState.loop`) these clusters belong to
         self.reset()
 
     def reset(self) -> None:
@@ -68,6 +69,15 @@ class ClusterState(BaseState):
         self.clusterings.append((step, stream, where))
 
 
+def loop_state(clusters: StateManager, step) -> ClusterState:
+    """The context's `ClusterState`, started afresh (generator reseeded) when a new sampling loop began."""
+    state: ClusterState = clusters.get_state()
+    if state.loop != step.loop:
+        state.reset()
+        state.loop = step.loop
+    return state
+
+
 class ClusterSourceHook(ModelHook):
     """At full steps, cluster each of its streams on one element of the module's output (ClusCa)."""
 
@@ -85,7 +95,7 @@ class ClusterSourceHook(ModelHook):
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         step = current_step(self.steps, self.module_name)
         if step.is_full:
-            state: ClusterState = self.clusters.get_state()
+            state = loop_state(self.clusters, step)
             for source in self.sources:
                 state.cluster(_element(output, source.output, self.module_name), source.stream, self.num_clusters,
                               step.step, self.module_name)
@@ -119,7 +129,7 @@ class SelectTokensHook(ModelHook):
             raise ValueError(f"hicache: fresh-token select module {self.module_name!r} must be called with the tokens "
                              f"[batch, tokens, channels] as its first positional input")
         x = args[0]
-        state: ClusterState = self.clusters.get_state()
+        state = loop_state(self.clusters, step)
         labels = state.labels.get(self.spec.stream)
         if labels is None or labels.shape != x.shape[:2]:
             state.cluster(x, self.spec.stream, self.num_clusters, step.step, self.module_name)
@@ -151,7 +161,7 @@ class FreshTokensHook(ForecastHook):
         step = current_step(self.steps, self.module_name)
         if step.is_full:
             return super().new_forward(module, *args, **kwargs)
-        clusters: ClusterState = self.clusters.get_state()
+        clusters = loop_state(self.clusters, step)
         indices = clusters.pending.pop(self.key, None)
         if indices is None:
             raise RuntimeError(f"hicache: {self.module_name!r} got no fresh tokens at a cached step; its select "

@@ -317,3 +317,28 @@ def test_a_new_sampling_loop_reseeds_and_reclusters(method):
     first, second = sample(model, inputs()), sample(model, inputs())
     hicache.remove_cache(model)
     assert torch.equal(first, second)
+
+
+def test_select_and_fresh_run_modules_run_whichever_skip_pattern_matched_them():
+    """A recipe may skip the select LayerNorms with a pattern that also covers other modules (as qwen_image's
+    ``(img|txt)_norm[12]`` does): token-wise methods run just the select and ``fresh_run`` modules, and the result
+    is the flux recipe's."""
+    flux = hicache.get_recipe("flux")
+    combined = hicache.Recipe(
+        forecast=flux.forecast, skip=flux.skip, name="combined", skip_empty=flux.skip_empty,
+        skip_broadcast=(r"transformer_blocks\.\d+\.norm(1\.norm|1_context\.norm|2|2_context)",
+                        r"single_transformer_blocks\.\d+\.norm\.norm"),
+        live_chunks={p: (n, c) for p, n, c in flux.live_chunks},
+        fresh_tokens=flux.fresh_tokens, cluster_sources=flux.cluster_sources, fresh_run=[r"pos_embed"],
+        fresh_live_chunks={p: (n, c) for p, n, c in flux.fresh_live_chunks})
+    model = tiny_flux_transformer(num_layers=2, num_single_layers=1)
+    out = {}
+    for recipe in (flux, combined):
+        hicache.apply_cache(model, clusca("clusca"), recipe)
+        skipped = hicache.cache_summary(model).skip_modules
+        out[recipe.name] = sample(model, inputs())
+        hicache.remove_cache(model)
+    assert "transformer_blocks.0.norm1.norm" in skipped and "transformer_blocks.0.norm2" not in skipped
+    assert "pos_embed" not in skipped
+    assert combined.role("transformer_blocks.0.norm2") == "skip_broadcast"  # the recipe itself still skips it
+    assert torch.equal(out["combined"], out["flux"])

@@ -28,7 +28,8 @@ skipped outputs are dead at cached steps, whatever stands in for them.
 
 Token-wise methods (ClusCa, Hi-ClusCa) also need to know which forecast modules are recomputed for a
 few tokens at cached steps, where their tokens come from and where the clusters are taken:
-``fresh_tokens`` (`FreshTokens`), ``cluster_sources`` (`ClusterSource`) and ``fresh_live_chunks``
+``fresh_tokens`` (`FreshTokens`), ``cluster_sources`` (`ClusterSource`), ``fresh_run`` (skipped modules
+they need run) and ``fresh_live_chunks``
 (the modulation chunks those recomputations read). `Recipe.for_fresh_tokens` turns a recipe into the
 one these methods run with (`hicache.fresh_tokens` attaches the hooks).
 """
@@ -87,12 +88,14 @@ class Recipe:
     fresh_tokens: tuple[FreshTokens, ...] = ()
     cluster_sources: tuple[ClusterSource, ...] = ()
     fresh_live_chunks: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
+    fresh_run: tuple[str, ...] = ()
 
     def __init__(self, forecast: Iterable[str], skip: Iterable[str] = (), name: str = "custom",
                  skip_empty: Iterable[str] = (), skip_broadcast: Iterable[str] = (),
                  live_chunks: Mapping[str, tuple[int, Iterable[int]]] | None = None,
                  fresh_tokens: Iterable[FreshTokens] = (), cluster_sources: Iterable[ClusterSource] = (),
-                 fresh_live_chunks: Mapping[str, tuple[int, Iterable[int]]] | None = None):
+                 fresh_live_chunks: Mapping[str, tuple[int, Iterable[int]]] | None = None,
+                 fresh_run: Iterable[str] = ()):
         object.__setattr__(self, "forecast", tuple(forecast))
         object.__setattr__(self, "skip", tuple(skip))
         object.__setattr__(self, "name", name)
@@ -104,7 +107,8 @@ class Recipe:
         object.__setattr__(self, "cluster_sources", tuple(cluster_sources))
         object.__setattr__(self, "fresh_live_chunks", tuple(
             (pattern, *_chunk_spec(name, pattern, spec)) for pattern, spec in (fresh_live_chunks or {}).items()))
-        token_patterns = [p for f in self.fresh_tokens for p in (f.module, f.select)]
+        object.__setattr__(self, "fresh_run", tuple(fresh_run))
+        token_patterns = [p for f in self.fresh_tokens for p in (f.module, f.select)] + list(self.fresh_run)
         for pattern in (*self.patterns, *token_patterns, *(c.module for c in self.cluster_sources)):
             try:
                 re.compile(pattern)
@@ -128,21 +132,22 @@ class Recipe:
         return roles[0] if roles else None
 
     def for_fresh_tokens(self) -> "Recipe":
-        """The recipe token-wise methods run with: the ``select`` modules run (on K tokens) instead of being
-        skipped, and ``fresh_live_chunks`` replace ``live_chunks`` (the fresh tokens' MLPs read the
-        modulation's MLP shift and scale, not only the gates)."""
+        """The recipe token-wise methods run with: the ``select`` modules (on K tokens) and the ``fresh_run``
+        modules (whatever else the fresh tokens' inputs need, e.g. a text stream the recipe otherwise skips) run
+        instead of being skipped, whichever skip pattern matched them, and ``fresh_live_chunks`` replace
+        ``live_chunks`` (the fresh tokens' MLPs read the modulation's MLP shift and scale, not only the gates)."""
         if not self.fresh_tokens:
             raise ValueError(f"recipe {self.name!r} declares no fresh tokens, so it cannot run clusca or hi_clusca")
-        selects = {f.select for f in self.fresh_tokens}
+        keep = "|".join(f"(?:{p})" for p in (*(f.select for f in self.fresh_tokens), *self.fresh_run))
 
-        def running(patterns):
-            return tuple(p for p in patterns if p not in selects)
+        def running(patterns):  # each skip pattern, minus the names that must run (a full-match lookahead)
+            return tuple(f"(?!(?:{keep})$)(?:{p})" for p in patterns)
 
         live = self.fresh_live_chunks or self.live_chunks
         return Recipe(forecast=self.forecast, skip=running(self.skip), name=self.name,
                       skip_empty=running(self.skip_empty), skip_broadcast=running(self.skip_broadcast),
                       live_chunks={pattern: (n, chunks) for pattern, n, chunks in live},
-                      fresh_tokens=self.fresh_tokens, cluster_sources=self.cluster_sources)
+                      fresh_tokens=self.fresh_tokens, cluster_sources=self.cluster_sources, fresh_run=self.fresh_run)
 
     def chunks(self, module_name: str) -> tuple[int, tuple[int, ...]]:
         """(num_chunks, live chunk indices) of a ``live_chunks`` module."""

@@ -23,7 +23,7 @@ from .errors import SetupError
 ROW_KEYS = ("family", "method", "label", "name", "interval", "warmup", "order", "sigma")
 FAMILY_KEYS = {
     "hicache": ("full_steps", "final_full_steps", "factor_dtype", "analytic_alpha", "analytic_sigma_max",
-                "analytic_beta", "analytic_eps"),
+                "analytic_beta", "analytic_eps", "clusters", "propagation", "seed"),
     "diffusers": ("config_class", "config"),
     "step_reduction": (),
 }

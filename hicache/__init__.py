@@ -1,4 +1,4 @@
-"""hicache: training-free feature caching for diffusion transformers (HiCache, TaylorSeer, FORA).
+"""hicache: training-free feature caching for diffusion transformers (HiCache, TaylorSeer, FORA, ClusCa).
 
     import hicache
     handle = hicache.apply_cache(pipe.transformer, hicache.CacheConfig("hicache", interval=7, order=2), "flux")
@@ -10,12 +10,14 @@ from .api import CacheHandle, CacheSummary, apply_cache, cache_context, cache_su
 from .check import RecipeReport, candidate_modules, check_recipe
 from .config import CacheConfig
 from .forecast import METHODS
-from .recipes import Recipe, available_recipes, get_recipe, register_recipe
+from .recipes import ClusterSource, FreshTokens, Recipe, available_recipes, get_recipe, register_recipe
 
 __all__ = [
     "CacheConfig",
     "CacheHandle",
     "CacheSummary",
+    "ClusterSource",
+    "FreshTokens",
     "METHODS",
     "Recipe",
     "RecipeReport",

@@ -11,10 +11,11 @@ import torch
 from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import CacheContext
 
-from .config import CacheConfig
+from .config import TOKEN_METHODS, CacheConfig
 from .hooks import (FORECAST_HOOK, HOOK_NAMES, LIVE_CHUNKS_HOOK, SKIP_HOOK, STAND_IN_SHAPE_OF_ROLE, STEP_HOOK, ForecastHook,
                     LiveChunksHook, SkipHook, StepHook, ZeroPool, pipeline_step_count, register)
 from .recipes import Recipe, get_recipe
+from . import fresh_tokens as token_wise
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +33,13 @@ class CacheHandle:
     skip_hooks: dict[str, SkipHook] = field(default_factory=dict)
     live_chunks_hooks: dict[str, LiveChunksHook] = field(default_factory=dict)
     zero_pool: ZeroPool = field(default_factory=ZeroPool)
+    fresh_tokens: token_wise.FreshTokenHooks | None = None  # ClusCa's hooks
 
     def state_managers(self):
         if self.step_hook is not None:
             yield self.step_hook.state_manager
+        if self.fresh_tokens is not None:
+            yield self.fresh_tokens.clusters
         for hook in (*self.forecast_hooks.values(), *self.skip_hooks.values()):
             yield hook.state_manager
 
@@ -54,6 +58,7 @@ class CacheSummary:
     cache_bytes: int
     full_forwards: int
     cached_forwards: int
+    fresh_tokens: dict | None = None  # clusca/hi_clusca: K, gamma, seed and the modules recomputed on K tokens
 
     def __str__(self) -> str:
         lines = [f"hicache: method={self.method} recipe={self.recipe}"]
@@ -64,6 +69,11 @@ class CacheSummary:
             )
         lines.append(f"  {len(self.forecast_modules)} forecast modules, {len(self.skip_modules)} skipped modules, "
                      f"{len(self.live_chunks_modules)} linears computing only their live chunks")
+        if self.fresh_tokens is not None:
+            f = self.fresh_tokens
+            lines.append(f"  {len(f['fresh_modules'])} modules recomputed for K={f['clusters']} fresh tokens at cached "
+                         f"steps ({len(f['propagating_modules'])} propagating, gamma={f['propagation']}), seed {f['seed']}; "
+                         f"clusters from {f['cluster_sources']}")
         lines.append(f"  peak cache memory {self.cache_bytes / 2**20:.1f} MiB")
         lines.append(f"  forwards so far: {self.full_forwards} full, {self.cached_forwards} cached")
         return "\n".join(lines)
@@ -96,6 +106,8 @@ def apply_cache(model, config: CacheConfig, recipe: str | Recipe = "flux") -> Ca
         setattr(model, _HANDLE_ATTR, handle)
         return handle
     recipe = get_recipe(recipe)
+    if config.method in TOKEN_METHODS:
+        recipe = recipe.for_fresh_tokens()
     handle = CacheHandle(config=config, recipe=recipe)
 
     if config.method != "none":
@@ -114,11 +126,14 @@ def apply_cache(model, config: CacheConfig, recipe: str | Recipe = "flux") -> Ca
         modules = dict(model.named_modules())
         for name in chunked:  # before any hook is attached: a bad recipe leaves the model untouched
             _check_live_chunks(recipe, name, modules[name])
+        if config.method in TOKEN_METHODS:  # checked against the model before any hook is attached
+            handle.fresh_tokens = token_wise.FreshTokenHooks(config, recipe, modules, forecast)
         handle.step_hook = StepHook(config.schedule, pipeline_step_count(pipe) if pipe is not None else None)
         register(model, handle.step_hook, STEP_HOOK)
         steps = handle.step_hook.state_manager
         for name in forecast:
-            handle.forecast_hooks[name] = ForecastHook(name, steps, config)
+            handle.forecast_hooks[name] = (handle.fresh_tokens.forecast_hook(name, steps) if handle.fresh_tokens
+                                           else ForecastHook(name, steps, config))
             register(modules[name], handle.forecast_hooks[name], FORECAST_HOOK)
         for name in skip:
             handle.skip_hooks[name] = SkipHook(name, steps, handle.zero_pool, shape=STAND_IN_SHAPE_OF_ROLE[roles[name]])
@@ -127,6 +142,8 @@ def apply_cache(model, config: CacheConfig, recipe: str | Recipe = "flux") -> Ca
             hook = LiveChunksHook(name, steps, handle.zero_pool, *recipe.chunks(name))
             handle.live_chunks_hooks[name] = hook
             register(modules[name], hook, LIVE_CHUNKS_HOOK)
+        if handle.fresh_tokens is not None:
+            handle.fresh_tokens.attach(modules, steps)
         # Hooks on children stale the registry's cached child list that `cache_context` walks.
         HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
 
@@ -142,7 +159,7 @@ def remove_cache(model) -> None:
         raise ValueError("hicache is not applied to this model")
     if handle.step_hook is not None:
         registry = HookRegistry.check_if_exists_or_initialize(model)
-        for name in HOOK_NAMES:
+        for name in HOOK_NAMES + token_wise.HOOK_NAMES:
             registry.remove_hook(name, recurse=True)
         registry.invalidate_child_registries_cache()
     delattr(model, _HANDLE_ATTR)
@@ -196,6 +213,7 @@ def cache_summary(model, num_inference_steps: int | None = None) -> CacheSummary
         cache_bytes=sum(h.peak_bytes for h in handle.forecast_hooks.values()) + handle.zero_pool.nbytes,
         full_forwards=handle.step_hook.full_forwards if handle.step_hook else 0,
         cached_forwards=handle.step_hook.cached_forwards if handle.step_hook else 0,
+        fresh_tokens=handle.fresh_tokens.describe() if handle.fresh_tokens else None,
     )
 
 

@@ -19,7 +19,9 @@ from .forecast import METHODS, AnalyticSigma
 from .schedule import Schedule
 
 LEARNED_METHODS = ("lesa",)  # forecast by a trained module (`hicache.lesa`), not a basis of `hicache.forecast`
-ALL_METHODS = ("none",) + METHODS + LEARNED_METHODS
+# Token-wise methods (ClusCa): the forecast basis each one uses (see `hicache.fresh_tokens`).
+TOKEN_METHODS = {"clusca": "taylorseer", "hi_clusca": "hicache"}
+ALL_METHODS = ("none",) + METHODS + LEARNED_METHODS + tuple(TOKEN_METHODS)
 # The forced full steps of each method's official schedule when `extra_full_steps` is not given.
 DEFAULT_EXTRA_FULL_STEPS = {"lesa": (3,)}
 # HiCache's order-i weight sigma^i H_i(sigma k) / i! grows like (2 sigma^2 k)^i / i!: Taylor's with the step k
@@ -58,7 +60,9 @@ class CacheConfig:
     """How to cache: the forecasting method, its schedule and its numerics.
 
     Args:
-        method: "none", "fora", "taylorseer", "hicache", "hi_taylor", "hicache_analytic" or "lesa".
+        method: "none", "fora", "taylorseer", "hicache", "hi_taylor", "hicache_analytic", "lesa", or the
+            token-wise "clusca" (TaylorSeer's forecast plus one fresh token per cluster) and "hi_clusca" (the same
+            with HiCache's forecast and clusters built once per image), which need a recipe with fresh tokens.
         interval: N, the distance between full steps after warm-up.
         warmup: W, the first W steps are full; differences are formed from step W-1 on.
         order: O, the highest divided difference kept (ignored by "fora").
@@ -73,6 +77,9 @@ class CacheConfig:
         num_inference_steps: the number of denoising steps, if known in advance.
         factor_dtype: floating dtype of the stored differences (float32 by default, whatever the model's).
         analytic_alpha, analytic_sigma_max, analytic_beta, analytic_eps: "hicache_analytic" knobs.
+        clusters: K, the token clusters (and fresh tokens per module) of "clusca"/"hi_clusca".
+        propagation: gamma in [0, 1], how far each token moves towards its cluster's fresh row.
+        seed: seeds the generator of every ClusCa draw, afresh in each cache context at each pipeline call.
     """
 
     method: str = "hicache"
@@ -90,6 +97,9 @@ class CacheConfig:
     analytic_eps: float = 1e-6
     extra_full_steps: Sequence[int] | None = None
     predictor: Any = field(default=None, repr=False)
+    clusters: int = 16
+    propagation: float = 0.005
+    seed: int = 0
     schedule: Schedule = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -108,6 +118,11 @@ class CacheConfig:
         _check_sigma("analytic_sigma_max", self.analytic_sigma_max)
         if not (math.isfinite(self.analytic_alpha) and self.analytic_alpha > 0 and 0 < self.analytic_beta <= 1):
             raise ValueError("hicache_analytic needs a finite alpha > 0 and 0 < beta <= 1")
+        _check_int("clusters", self.clusters, 1)
+        if isinstance(self.propagation, bool) or not isinstance(self.propagation, numbers.Real) \
+                or not 0 <= self.propagation <= 1:
+            raise ValueError(f"propagation must be a number in [0, 1], got {self.propagation!r}")
+        _check_int("seed", self.seed, 0)
         self.factor_dtype = _as_dtype(self.factor_dtype)
         if self.extra_full_steps is None:
             self.extra_full_steps = DEFAULT_EXTRA_FULL_STEPS.get(self.method, ())
@@ -126,6 +141,11 @@ class CacheConfig:
             num_steps=self.num_inference_steps,
             extra_full_steps=self.extra_full_steps,
         )
+
+    @property
+    def basis(self) -> str:
+        """The forecasting basis of `forecast.DifferenceHistory` behind the method."""
+        return TOKEN_METHODS.get(self.method, self.method)
 
     @property
     def analytic(self) -> AnalyticSigma:

@@ -160,6 +160,20 @@ class DifferenceHistory:
     def nbytes(self) -> int:
         return sum(u.numel() * u.element_size() for u in self._terms)
 
+    @property
+    def d0(self) -> torch.Tensor:
+        """The stored order-0 term (the last full step's output, or what `replace_d0` put there)."""
+        if not self._terms:
+            raise RuntimeError("no full step was recorded yet")
+        return self._terms[0]
+
+    def replace_d0(self, value: torch.Tensor) -> None:
+        """Replace D0 between full steps (ClusCa writes its fresh token rows there). Later forecasts use it, and
+        the next full step's first difference is taken against it, as in the official ClusCa code."""
+        if value.shape != self.d0.shape:
+            raise ValueError(f"new D0 has shape {tuple(value.shape)}, the stored one {tuple(self.d0.shape)}")
+        self._terms[0] = value.to(self.d0.dtype)
+
     def update(self, value: torch.Tensor, step: int) -> None:
         """Record the exact output of a full step."""
         value = value.detach()

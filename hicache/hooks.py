@@ -241,7 +241,7 @@ class ForecastState(BaseState):
             self.histories = [
                 None
                 if o is None
-                else DifferenceHistory(cfg.method, cfg.order, cfg.sigma, cfg.warmup, cfg.factor_dtype, cfg.analytic)
+                else DifferenceHistory(cfg.basis, cfg.order, cfg.sigma, cfg.warmup, cfg.factor_dtype, cfg.analytic)
                 for o in outputs
             ]
         self.is_tensor = isinstance(output, torch.Tensor)

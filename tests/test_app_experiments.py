@@ -20,7 +20,7 @@ from hicache.app.tables import render
 from hicache.testbeds.tiny.flux import tiny_flux_transformer
 
 FAMILIES = ("flux", "testbed")
-KINDS = ("hicache", "table", "ablation_sigma", "ablation_order", "ablation_interval")
+KINDS = ("hicache", "table", "ablation_sigma", "ablation_order", "ablation_interval", "ablation_clusca")
 EXPERIMENTS = [f"{family}_{kind}" for family in FAMILIES for kind in KINDS]
 
 
@@ -75,11 +75,12 @@ def smoke_variants(experiment: str) -> list[str | None]:
     variants = spec.get("variants") or {}
     if not variants:
         return [None]
-    if experiment.endswith("_table") or experiment.endswith("_sigma"):
+    if experiment.endswith(("_table", "_sigma", "_clusca")):
         chosen, methods = [], set()
         for name, overrides in variants.items():
             method = next(o.split("=", 1)[1] for o in overrides if o.startswith("cache="))
-            if method not in methods and not (experiment.endswith("_sigma") and method == "hicache"):
+            if method not in methods and not (experiment.endswith("_sigma") and method == "hicache") \
+                    and not (experiment.endswith("_clusca") and method not in ("clusca", "hi_clusca")):
                 methods.add(method)
                 chosen.append(name)
         return chosen

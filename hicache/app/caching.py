@@ -3,7 +3,8 @@
 A cache config has a ``family``:
 
 - ``hicache``: `hicache.CacheConfig` fields (method none/fora/taylorseer/hicache/hi_taylor/
-  hicache_analytic, interval, warmup, order, sigma, ...) and the model's recipe;
+  hicache_analytic/clusca/hi_clusca, interval, warmup, order, sigma, clusters, propagation, seed, ...)
+  and the model's recipe;
 - ``diffusers``: one of diffusers' own caches, applied with ``transformer.enable_cache(<Config>)``
   (``config`` holds the keyword arguments of the diffusers config class named by ``config_class``);
 - ``step_reduction``: no cache, but as many plain steps as the schedule (interval, warmup) runs
@@ -70,12 +71,16 @@ def hicache_config(cache: DictConfig, steps: int, model: DictConfig | None = Non
 def _attach_hicache(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCache:
     config = hicache_config(cache, steps, model)
     transformer = pipe.transformer
-    hicache.apply_cache(transformer, config, recipe=model.get("recipe", "flux"))
+    try:  # a method the model's recipe cannot run (clusca without fresh tokens): one line
+        hicache.apply_cache(transformer, config, recipe=model.get("recipe", "flux"))
+    except ValueError as err:
+        raise SetupError(f"cache={cache.get('method')}, model {model.get('name')}: {err}") from None
 
     def describe() -> dict[str, Any]:
         summary = hicache.cache_summary(transformer, steps)
         return {"full_steps": summary.full_steps, "ideal_speedup": summary.ideal_speedup,
-                "cache_mib": summary.cache_bytes / 2**20}
+                "cache_mib": summary.cache_bytes / 2**20,
+                **({"fresh_modules": len(summary.fresh_tokens["fresh_modules"])} if summary.fresh_tokens else {})}
 
     return AttachedCache(steps, lambda: hicache.remove_cache(transformer), describe, uncached=config.method == "none")
 

@@ -158,6 +158,7 @@ def summarize(cfg: DictConfig, records: list[dict], metric_names: list[str], una
         "experiment": cfg.name, "run": run_name(cfg), "variant": cfg.get("variant"), "model": cfg.model.name,
         "family": c.get("family", "hicache"), "method": c.method, "label": c.get("label") or c.method,
         "interval": c.get("interval"), "order": c.get("order"), "sigma": c.get("sigma"), "warmup": c.get("warmup"),
+        "clusters": c.get("clusters"), "propagation": c.get("propagation"),
         "reference_steps": int(cfg.sampling.steps), "num_outputs": len(records),
         "height": int(cfg.sampling.height), "width": int(cfg.sampling.width),
         "data_limit": cfg.data.get("limit"), "output_latency_s": _mean([r.get("latency_s") for r in records]),

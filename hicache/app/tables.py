@@ -38,7 +38,8 @@ COLUMNS = (
     ("VBench dims", "vbench", "{:.2f}"),        # our per-video VBench dimensions, mean (hicache.app.video)
     ("VBench total", "vbench_total", "{:.2f}"),  # VBench's suite-level total score (the paper's video table)
 )
-METHOD_ORDER = ("none", "step_reduction", "fora", "taylorseer", "hi_taylor", "hicache", "hicache_analytic")
+METHOD_ORDER = ("none", "step_reduction", "fora", "taylorseer", "hi_taylor", "hicache", "hicache_analytic", "clusca",
+                "hi_clusca")
 
 
 def load_summaries(root: str | Path) -> list[dict[str, Any]]:
@@ -84,20 +85,24 @@ def fmt(value, pattern: str) -> str:
 def _sort_key(s: dict):
     method = s.get("method", "")
     rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    return (rank, method, s.get("interval") or 0, s.get("order") or 0, s.get("sigma") or 0, s.get("run", ""))
+    return (rank, method, s.get("interval") or 0, s.get("order") or 0, s.get("sigma") or 0, s.get("clusters") or 0,
+            s.get("propagation") or 0, s.get("run", ""))
 
 
 def render_experiment(summaries: list[dict], paper: list[dict]) -> str:
     summaries = sorted(summaries, key=_sort_key)
     used = [c for c in COLUMNS if any(isinstance(s.get(c[1]), (int, float, str))
                                       or (paper_row(s, paper) or {}).get(c[1]) is not None for s in summaries)]
-    header = ["Method", "Steps", "N", "O", "σ", "Images", *[c[0] for c in used]]
+    token_wise = any(s.get("clusters") is not None for s in summaries)  # ClusCa rows: K and gamma columns
+    header = ["Method", "Steps", "N", "O", "σ", *(["K", "γ"] if token_wise else []), "Images", *[c[0] for c in used]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     sources = set()
     for s in summaries:
         ref = paper_row(s, paper)
         cells = [s.get("label") or s.get("method", "?"), fmt(s.get("steps"), "{}"), fmt(s.get("interval"), "{}"),
-                 fmt(s.get("order"), "{}"), fmt(s.get("sigma"), "{:g}"), fmt(s.get("num_outputs"), "{}")]
+                 fmt(s.get("order"), "{}"), fmt(s.get("sigma"), "{:g}"),
+                 *([fmt(s.get("clusters"), "{}"), fmt(s.get("propagation"), "{:g}")] if token_wise else []),
+                 fmt(s.get("num_outputs"), "{}")]
         for _, key, pattern in used:
             cell = fmt(s.get(key), pattern)
             if ref is not None and ref.get(key) is not None:

@@ -25,6 +25,13 @@ lists of regular expressions matched in full against `named_modules()` names:
 
 A module may have only one role. ``tests/test_recipe_skips.py`` checks every built-in recipe's
 skipped outputs are dead at cached steps, whatever stands in for them.
+
+Token-wise methods (ClusCa, Hi-ClusCa) also need to know which forecast modules are recomputed for a
+few tokens at cached steps, where their tokens come from and where the clusters are taken:
+``fresh_tokens`` (`FreshTokens`), ``cluster_sources`` (`ClusterSource`), ``fresh_run`` (skipped modules
+they need run) and ``fresh_live_chunks``
+(the modulation chunks those recomputations read). `Recipe.for_fresh_tokens` turns a recipe into the
+one these methods run with (`hicache.fresh_tokens` attaches the hooks).
 """
 
 from __future__ import annotations
@@ -33,7 +40,41 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-__all__ = ["Recipe", "register_recipe", "get_recipe", "available_recipes", "double_single_stream"]
+__all__ = ["Recipe", "FreshTokens", "ClusterSource", "register_recipe", "get_recipe", "available_recipes",
+           "double_single_stream"]
+
+
+@dataclass(frozen=True)
+class FreshTokens:
+    """A forecast module that token-wise methods recompute for K tokens at cached steps (ClusCa).
+
+    Args:
+        module: regex of the forecast modules (e.g. each double-stream block's image MLP).
+        select: regex of the module, one per block, that feeds ``module`` and works token by token (a
+            LayerNorm followed only by arithmetic that broadcasts over the tokens, such as adaLN's per-sample
+            scale and shift; not a per-token modulation index like Qwen-Image-Edit's ``zero_cond_t``). Its input
+            holds the stream's tokens (the residual stream); at cached steps it runs on the K selected
+            rows only, so ``module`` receives and computes K tokens. Hi-ClusCa clusters this input, in the
+            first block, at the first cached step.
+        stream: the token stream ("image", "text"); one cluster assignment per stream serves every block.
+        propagate: the fresh rows also pull every token of their cluster towards them (gamma); otherwise
+            they are only written into D0.
+    """
+
+    module: str
+    select: str
+    stream: str
+    propagate: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterSource:
+    """Where ClusCa clusters a stream at every full step: element ``output`` of the output of the *last*
+    module matching ``module`` (e.g. the last double-stream block, whose output is (text, image))."""
+
+    stream: str
+    module: str
+    output: int
 
 
 @dataclass(frozen=True)
@@ -44,10 +85,17 @@ class Recipe:
     skip_empty: tuple[str, ...] = ()
     skip_broadcast: tuple[str, ...] = ()
     live_chunks: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
+    fresh_tokens: tuple[FreshTokens, ...] = ()
+    cluster_sources: tuple[ClusterSource, ...] = ()
+    fresh_live_chunks: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
+    fresh_run: tuple[str, ...] = ()
 
     def __init__(self, forecast: Iterable[str], skip: Iterable[str] = (), name: str = "custom",
                  skip_empty: Iterable[str] = (), skip_broadcast: Iterable[str] = (),
-                 live_chunks: Mapping[str, tuple[int, Iterable[int]]] | None = None):
+                 live_chunks: Mapping[str, tuple[int, Iterable[int]]] | None = None,
+                 fresh_tokens: Iterable[FreshTokens] = (), cluster_sources: Iterable[ClusterSource] = (),
+                 fresh_live_chunks: Mapping[str, tuple[int, Iterable[int]]] | None = None,
+                 fresh_run: Iterable[str] = ()):
         object.__setattr__(self, "forecast", tuple(forecast))
         object.__setattr__(self, "skip", tuple(skip))
         object.__setattr__(self, "name", name)
@@ -55,7 +103,13 @@ class Recipe:
         object.__setattr__(self, "skip_broadcast", tuple(skip_broadcast))
         object.__setattr__(self, "live_chunks", tuple(
             (pattern, *_chunk_spec(name, pattern, spec)) for pattern, spec in (live_chunks or {}).items()))
-        for pattern in self.patterns:
+        object.__setattr__(self, "fresh_tokens", tuple(fresh_tokens))
+        object.__setattr__(self, "cluster_sources", tuple(cluster_sources))
+        object.__setattr__(self, "fresh_live_chunks", tuple(
+            (pattern, *_chunk_spec(name, pattern, spec)) for pattern, spec in (fresh_live_chunks or {}).items()))
+        object.__setattr__(self, "fresh_run", tuple(fresh_run))
+        token_patterns = [p for f in self.fresh_tokens for p in (f.module, f.select)] + list(self.fresh_run)
+        for pattern in (*self.patterns, *token_patterns, *(c.module for c in self.cluster_sources)):
             try:
                 re.compile(pattern)
             except re.error as err:
@@ -76,6 +130,24 @@ class Recipe:
         if len(roles) > 1:
             raise ValueError(f"recipe {self.name!r}: module {module_name!r} matches both {roles[0]} and {roles[1]}")
         return roles[0] if roles else None
+
+    def for_fresh_tokens(self) -> "Recipe":
+        """The recipe token-wise methods run with: the ``select`` modules (on K tokens) and the ``fresh_run``
+        modules (whatever else the fresh tokens' inputs need, e.g. a text stream the recipe otherwise skips) run
+        instead of being skipped, whichever skip pattern matched them, and ``fresh_live_chunks`` replace
+        ``live_chunks`` (the fresh tokens' MLPs read the modulation's MLP shift and scale, not only the gates)."""
+        if not self.fresh_tokens:
+            raise ValueError(f"recipe {self.name!r} declares no fresh tokens, so it cannot run clusca or hi_clusca")
+        keep = "|".join(f"(?:{p})" for p in (*(f.select for f in self.fresh_tokens), *self.fresh_run))
+
+        def running(patterns):  # each skip pattern, minus the names that must run (a full-match lookahead)
+            return tuple(f"(?!(?:{keep})$)(?:{p})" for p in patterns)
+
+        live = self.fresh_live_chunks or self.live_chunks
+        return Recipe(forecast=self.forecast, skip=running(self.skip), name=self.name,
+                      skip_empty=running(self.skip_empty), skip_broadcast=running(self.skip_broadcast),
+                      live_chunks={pattern: (n, chunks) for pattern, n, chunks in live},
+                      fresh_tokens=self.fresh_tokens, cluster_sources=self.cluster_sources, fresh_run=self.fresh_run)
 
     def chunks(self, module_name: str) -> tuple[int, tuple[int, ...]]:
         """(num_chunks, live chunk indices) of a ``live_chunks`` module."""
@@ -118,7 +190,7 @@ def available_recipes() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def double_single_stream(name: str) -> Recipe:
+def double_single_stream(name: str, **token_wise) -> Recipe:
     """The MMDiT layout of FLUX and HunyuanVideo: ``transformer_blocks`` (double-stream) then
     ``single_transformer_blocks``, with the same submodule names in both families.
 
@@ -151,7 +223,8 @@ def double_single_stream(name: str) -> Recipe:
     Concatenating full-size zeros there was half of a cached step.
 
     Patterns are full matches from the top-level block lists, so nested blocks with the same leaf
-    names (HunyuanVideo's token refiner) never match.
+    names (HunyuanVideo's token refiner) never match. ``token_wise`` (``fresh_tokens``,
+    ``cluster_sources``, ``fresh_live_chunks``) is passed on to `Recipe` for ClusCa.
     """
     return Recipe(
         name=name,
@@ -178,6 +251,7 @@ def double_single_stream(name: str) -> Recipe:
             r"transformer_blocks\.\d+\.norm1(_context)?\.linear": (6, (2, 5)),
             r"single_transformer_blocks\.\d+\.norm\.linear": (3, (2,)),
         },
+        **token_wise,
     )
 
 

@@ -6,11 +6,41 @@ pre-gate ``proj_out`` output is forecast, and the attention and MLP input projec
 it are skipped, as are the LayerNorms in front of forecast modules and the rotary embedding
 (``pos_embed``) that only attention reads, and the adaLN modulation linears compute only their gate
 rows. A cached step then runs only the embeddings, the gates and the residual adds.
+
+ClusCa / Hi-ClusCa (official HiCache tree, ``DoubleStreamBlock.forward``, type "ClusCa"): at a cached
+step every double-stream block recomputes its image MLP ``ff`` (BFL ``img_mlp``) and its text MLP
+``ff_context`` (``txt_mlp``) for one token per cluster. The tokens are picked from the input of
+``norm2`` / ``norm2_context`` (the residual stream after the attention add, as the official code
+picks them from ``img``/``txt`` there); those LayerNorms and the adaLN MLP shift and scale (chunks 3
+and 4 of ``norm1(_context).linear``) then run on the K tokens only. Only the image MLP propagates
+(the official code leaves the text propagation out). ClusCa clusters at every full step on the last
+double-stream block's output, ``(encoder_hidden_states, hidden_states)``: image = element 1, text =
+element 0. Single-stream blocks and the attentions are forecast as for TaylorSeer / HiCache.
 """
 
-from . import double_single_stream, register_recipe
+from . import ClusterSource, FreshTokens, double_single_stream, register_recipe
 
-FLUX = register_recipe(double_single_stream("flux"))
+DOUBLE_STREAM_FRESH_TOKENS = (
+    FreshTokens(module=r"transformer_blocks\.\d+\.ff", select=r"transformer_blocks\.\d+\.norm2",
+                stream="image", propagate=True),
+    FreshTokens(module=r"transformer_blocks\.\d+\.ff_context", select=r"transformer_blocks\.\d+\.norm2_context",
+                stream="text", propagate=False),
+)
+# image before text: the order of the official K-means calls, hence of their random draws
+DOUBLE_STREAM_CLUSTER_SOURCES = (
+    ClusterSource(stream="image", module=r"transformer_blocks\.\d+", output=1),
+    ClusterSource(stream="text", module=r"transformer_blocks\.\d+", output=0),
+)
+
+FLUX = register_recipe(double_single_stream(
+    "flux",
+    fresh_tokens=DOUBLE_STREAM_FRESH_TOKENS,
+    cluster_sources=DOUBLE_STREAM_CLUSTER_SOURCES,
+    fresh_live_chunks={
+        r"transformer_blocks\.\d+\.norm1(_context)?\.linear": (6, (2, 3, 4, 5)),  # + MLP shift and scale
+        r"single_transformer_blocks\.\d+\.norm\.linear": (3, (2,)),
+    },
+))
 
 from .lesa import LesaRecipe, register_lesa_recipe  # noqa: E402
 

@@ -25,7 +25,8 @@ from hicache.schedule import Schedule, same_cost_steps
 from .errors import SetupError
 
 # every `hicache.CacheConfig` field a cache config may set (a new method's fields come with it)
-HICACHE_FIELDS = tuple(f.name for f in dataclasses.fields(hicache.CacheConfig) if f.init)
+HICACHE_FIELDS = tuple(f.name for f in dataclasses.fields(hicache.CacheConfig)
+                       if f.init and f.name != "num_inference_steps")  # the step count is sampling.steps
 
 
 @dataclass

@@ -191,3 +191,22 @@ def test_wandb_logs_each_output_as_it_is_rendered(tmp_path, monkeypatch):
     assert seen[:2] == [(0, False, True), (1, False, True)]  # logged live, before the run was summarised
     [offline] = (tmp_path / "live" / summary["run"] / "wandb").glob("offline-run-*")
     assert list(offline.glob("run-*.wandb"))
+
+
+# -- 5. a plain `pip install .` has no torchvision / lpips: LPIPS is "n/a", not a traceback ---------
+
+def test_lpips_without_its_packages_is_optional(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from hicache.app.metrics import build_metrics
+    from omegaconf import OmegaConf
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else real(name, *a))
+    metrics, unavailable = build_metrics(OmegaConf.create({"lpips": {"enabled": True, "required": False}}),
+                                         torch.device("cpu"))
+    assert metrics == [] and unavailable == ["lpips"]
+    with pytest.raises(SetupError, match="pip install torchvision"):
+        build_metrics(OmegaConf.create({"lpips": {"enabled": True, "required": True}}), torch.device("cpu"))

@@ -6,6 +6,7 @@ LESA evaluation computes (see its docstring), off by default, for reading our ta
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,9 @@ def to_lpips_tensor(image, device: torch.device) -> torch.Tensor:
 @register_metric("lpips")
 def _lpips(options: DictConfig, device: torch.device) -> Metric:
     net = options.get("net", "alex")
+    for package, pip_name in (("torchvision", "torchvision"), ("lpips", "lpips")):
+        if importlib.util.find_spec(package) is None:  # optional: "n/a" unless metrics.lpips.required=true
+            raise SetupError(f"LPIPS needs the {package} package: pip install {pip_name} (or metrics.lpips.enabled=false)")
     if net == "alex":
         weights = alexnet_weights_file()
         if not weights.is_file():

@@ -149,7 +149,7 @@ def paired(a, b, seed: int = 0) -> dict:
 
 def checker_accuracy(images, captions) -> float | None:
     """The shapes checker's attribute accuracy, or None when the captions are not in its grammar."""
-    from hicache.testbed import accuracy, check
+    from hicache.testbeds.flux_shapes import accuracy, check
 
     try:
         return accuracy([check(im, cap) for im, cap in zip(images, captions)])
@@ -337,7 +337,7 @@ def main(argv=None) -> Path:
         parser.error("--steps must be >= 2, --intervals >= 1 and --prompts >= 1")
     torch.set_num_threads(args.threads)
 
-    from hicache.testbed import PIPELINE_CALL_KWARGS, heldout_captions, load_pipeline
+    from hicache.testbeds.flux_shapes import PIPELINE_CALL_KWARGS, heldout_captions, load_pipeline
 
     pipe = load_pipeline(args.testbed) if args.testbed else load_pipeline()
     pipe.set_progress_bar_config(disable=True)

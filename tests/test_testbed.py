@@ -86,7 +86,7 @@ def test_checker_finds_nothing_on_a_blank_image():
 
 
 def test_variation_widens_scenes_without_changing_captions():
-    from hicache.testbed.dataset import Variation
+    from hicache.testbeds.flux_shapes.dataset import Variation
 
     wide = Variation(jitter=5.0, size_spread=0.15, texture=0.25)
     varied = ShapesDataset(seed=2, variation=wide)

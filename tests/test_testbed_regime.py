@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hicache.tiny import save_tiny_flux_pipeline
+from hicache.testbeds.tiny.flux import save_tiny_flux_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

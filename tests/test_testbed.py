@@ -83,3 +83,24 @@ def test_checker_finds_nothing_on_a_blank_image():
     blank = np.full((64, 64, 3), 30, dtype=np.uint8)
     result = check(blank, "a small red circle in the center on a blue plain background")
     assert not any(result[k] for k in ("shape", "colour", "position", "size", "background_colour"))
+
+
+def test_variation_widens_scenes_without_changing_captions():
+    from hicache.testbeds.flux_shapes.dataset import Variation
+
+    wide = Variation(jitter=5.0, size_spread=0.15, texture=0.25)
+    varied = ShapesDataset(seed=2, variation=wide)
+    scenes = [varied.scene(i) for i in range(60)]
+    assert all(s.texture is not None for s in scenes)
+    assert len({round(spec.scale, 3) for s in scenes for spec in s.shapes}) > 30
+    assert max(abs(o) for s in scenes for spec in s.shapes for o in spec.offset) > 3.0
+    # the same caption renders differently when only unsaid properties change
+    a = render(scenes[0])
+    b = render(type(scenes[0])(scenes[0].shapes, scenes[0].background_colour, scenes[0].background_style, None))
+    assert np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float)).mean() > 1.0
+    # the checker still reads what the caption states (background style is the one it misreads at times)
+    results = [check(render(s), s.caption) for s in scenes]
+    assert accuracy(results) >= 0.95
+    assert np.mean([r["shape"] and r["position"] and r["size"] for r in results]) >= 0.95
+    # held-out captions do not depend on the variation
+    assert [s.caption for s in heldout_scenes(10, seed=1)] == heldout_captions(10, seed=1)

@@ -15,6 +15,7 @@ import math
 import re
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -63,6 +64,33 @@ VOCABULARY = sorted(
 )
 
 
+TEXTURE_IMAGES = ("brick", "grass", "gravel", "camera", "moon", "coins", "astronaut", "coffee", "chelsea", "rocket")
+
+
+@dataclass(frozen=True)
+class Variation:
+    """What a scene varies that its caption does not say (issue 16).
+
+    A caption that fixes almost everything makes the conditional distribution nearly a point, and a
+    rectified flow trained on it is nearly straight, unlike a real text-to-image model's. These knobs
+    widen it without touching what the caption states (and what the checker measures). The defaults
+    reproduce the original stream exactly (no extra random draws), which the SR testbed relies on.
+
+    Args:
+        jitter: max offset (pixels) of a shape's centre from its grid cell's centre.
+        size_spread: a shape's half-extent is its size's times U(1 - s, 1 + s).
+        texture: amplitude of a grey natural-image texture (a random crop of one of scikit-image's
+            bundled images) that modulates the background's brightness; 0 is none.
+    """
+
+    jitter: float = JITTER
+    size_spread: float = 0.0
+    texture: float = 0.0
+
+
+DEFAULT_VARIATION = Variation()
+
+
 @dataclass(frozen=True)
 class ShapeSpec:
     shape: str
@@ -70,6 +98,11 @@ class ShapeSpec:
     size: str
     cell: tuple[int, int]  # (row, col) in the 3x3 grid
     offset: tuple[float, float] = (0.0, 0.0)  # (dy, dx) jitter in pixels; not in the caption
+    scale: float = 1.0  # half-extent factor on SIZES[size]; not in the caption
+
+    @property
+    def half_size(self) -> float:
+        return SIZES[self.size] * self.scale
 
     @property
     def phrase(self) -> str:
@@ -77,10 +110,22 @@ class ShapeSpec:
 
 
 @dataclass(frozen=True)
+class Texture:
+    """A square crop of a bundled image: which image, crop box in [0, 1] units, amplitude."""
+
+    image: str
+    top: float
+    left: float
+    side: float
+    amplitude: float
+
+
+@dataclass(frozen=True)
 class Scene:
     shapes: tuple[ShapeSpec, ...]
     background_colour: str
     background_style: str
+    texture: Texture | None = None  # not in the caption
 
     @property
     def caption(self) -> str:
@@ -96,7 +141,7 @@ def cell_centre(cell: tuple[int, int], resolution: int = RESOLUTION) -> tuple[fl
 
 def _half_extents(spec: ShapeSpec) -> tuple[float, float]:
     """(half height, half width) of the shape's bounding box, pixels at 64 px."""
-    s = SIZES[spec.size]
+    s = spec.half_size
     if spec.shape == "star":
         r = 1.15 * s
         return r * (1 + math.cos(math.pi / 5)) / 2, r * math.sin(2 * math.pi / 5)
@@ -114,7 +159,7 @@ def is_heldout(caption: str) -> bool:
     return zlib.crc32(caption.encode()) % HELDOUT_MODULUS == 0
 
 
-def random_scene(rng: np.random.Generator, num_shapes: int | None = None) -> Scene:
+def random_scene(rng: np.random.Generator, num_shapes: int | None = None, variation: Variation = DEFAULT_VARIATION) -> Scene:
     """One scene from the full distribution (held-out captions included)."""
     if num_shapes is None:
         num_shapes = 2 if rng.random() < TWO_SHAPE_PROB else 1
@@ -128,30 +173,37 @@ def random_scene(rng: np.random.Generator, num_shapes: int | None = None) -> Sce
                 colour=colours[picked[i]],
                 size=list(SIZES)[rng.integers(len(SIZES))],
                 cell=(int(cells[i]) // 3, int(cells[i]) % 3),
-                offset=tuple(float(v) for v in rng.uniform(-JITTER, JITTER, size=2)),
+                offset=tuple(float(v) for v in rng.uniform(-variation.jitter, variation.jitter, size=2)),
+                scale=float(rng.uniform(1 - variation.size_spread, 1 + variation.size_spread)) if variation.size_spread else 1.0,
             )
             for i in range(num_shapes)
         )
         if num_shapes == 2 and _overlaps(*shapes):
             continue
-        return Scene(shapes, colours[picked[-1]], BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
+        background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+        texture = None
+        if variation.texture:
+            side = float(rng.uniform(0.15, 0.6))
+            top, left = (float(v) for v in rng.uniform(0, 1 - side, size=2))
+            texture = Texture(TEXTURE_IMAGES[rng.integers(len(TEXTURE_IMAGES))], top, left, side, variation.texture)
+        return Scene(shapes, colours[picked[-1]], background, texture)
 
 
-def training_scene(seed: int, index: int) -> Scene:
+def training_scene(seed: int, index: int, variation: Variation = DEFAULT_VARIATION) -> Scene:
     """Scene `index` of the training stream of `seed`; never has a held-out caption."""
     rng = np.random.default_rng([seed, index])
     while True:
-        scene = random_scene(rng)
+        scene = random_scene(rng, variation=variation)
         if not is_heldout(scene.caption):
             return scene
 
 
-def heldout_scenes(n: int, seed: int = 0) -> list[Scene]:
-    """`n` scenes with distinct held-out captions, deterministic in `seed`."""
+def heldout_scenes(n: int, seed: int = 0, variation: Variation = DEFAULT_VARIATION) -> list[Scene]:
+    """`n` scenes with distinct held-out captions, deterministic in `seed` (and `variation`)."""
     rng = np.random.default_rng([seed, 0x4E1D])
     scenes, seen = [], set()
     while len(scenes) < n:
-        scene = random_scene(rng)
+        scene = random_scene(rng, variation=variation)
         if is_heldout(scene.caption) and scene.caption not in seen:
             seen.add(scene.caption)
             scenes.append(scene)
@@ -159,6 +211,7 @@ def heldout_scenes(n: int, seed: int = 0) -> list[Scene]:
 
 
 def heldout_captions(n: int = 64, seed: int = 0) -> list[str]:
+    """The held-out prompts; the same for every `Variation` (captions never say what it varies)."""
     return [s.caption for s in heldout_scenes(n, seed)]
 
 
@@ -177,7 +230,7 @@ def _star_points(cy: float, cx: float, r: float, inner: float = 0.45) -> list[tu
 def _draw_shape(draw: ImageDraw.ImageDraw, spec: ShapeSpec, scale: float) -> None:
     cy, cx = cell_centre(spec.cell)
     cy, cx = (cy + spec.offset[0]) * scale, (cx + spec.offset[1]) * scale
-    s = SIZES[spec.size] * scale
+    s = spec.half_size * scale
     fill = COLOURS[spec.colour]
     if spec.shape == "circle":
         draw.ellipse([cx - s, cy - s, cx + s, cy + s], fill=fill)
@@ -206,10 +259,41 @@ def _background(colour: str, style: str, size: int) -> np.ndarray:
     return np.broadcast_to(rows[:, None, :], (size, size, 3)).astype(np.uint8)
 
 
+@lru_cache(maxsize=None)
+def _texture_source(name: str) -> np.ndarray:
+    """A bundled scikit-image picture as grey floats in [0, 1] (no download: these ship with it)."""
+    from skimage import data
+    from skimage.color import rgb2gray
+
+    image = getattr(data, name)()
+    grey = rgb2gray(image[..., :3]) if image.ndim == 3 else image.astype(np.float64) / 255.0
+    return grey.astype(np.float32)
+
+
+def texture_field(texture: Texture, size: int) -> np.ndarray:
+    """Brightness factors (size, size): 1 + amplitude * the crop's values less their row median, over
+    their standard deviation, clipped to [-2, 0]. Darkening only, and by at most 2 * amplitude, keeps
+    the background within the shades the checker expects of it, and each row's median at 1."""
+    source = _texture_source(texture.image)
+    h, w = source.shape
+    side = max(8, int(texture.side * min(h, w)))
+    top, left = int(texture.top * (h - side)), int(texture.left * (w - side))
+    crop = Image.fromarray(source[top : top + side, left : left + side]).resize((size, size), Image.BILINEAR)
+    z = np.asarray(crop, dtype=np.float32)
+    z = z - np.median(z, axis=1, keepdims=True)  # rows keep their median: the checker reads the style from it
+    z = np.clip(z / max(float(z.std()), 1e-3), -2.0, 0.0)  # darken only: stays within the checker's background shades
+    return 1.0 + texture.amplitude * z
+
+
 def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
     """The scene as an RGB image (drawn supersampled, then box-filtered, for clean edges)."""
     big = resolution * _SUPERSAMPLE
-    image = Image.fromarray(_background(scene.background_colour, scene.background_style, big))
+    background = _background(scene.background_colour, scene.background_style, big)
+    if scene.texture is not None:
+        # constant on each supersampled block, so the box filter keeps every row's median at 1
+        factor = np.repeat(np.repeat(texture_field(scene.texture, resolution), _SUPERSAMPLE, 0), _SUPERSAMPLE, 1)[..., None]
+        background = np.clip(background.astype(np.float32) * factor, 0, 255).round().astype(np.uint8)
+    image = Image.fromarray(background)
     draw = ImageDraw.Draw(image)
     for spec in scene.shapes:
         _draw_shape(draw, spec, big / RESOLUTION)
@@ -222,7 +306,7 @@ def shape_mask(scene: Scene, resolution: int = RESOLUTION) -> np.ndarray:
     layer = Image.new("RGB", (big, big))
     draw = ImageDraw.Draw(layer)
     for spec in scene.shapes:
-        _draw_shape(draw, ShapeSpec(spec.shape, "white", spec.size, spec.cell, spec.offset), big / RESOLUTION)
+        _draw_shape(draw, ShapeSpec(spec.shape, "white", spec.size, spec.cell, spec.offset, spec.scale), big / RESOLUTION)
     coverage = np.asarray(layer.convert("L").resize((resolution, resolution), Image.BOX), dtype=np.float32)
     return coverage / coverage.max() if coverage.max() > 0 else coverage
 
@@ -260,14 +344,15 @@ class ShapesDataset:
     `length` only bounds `__len__` for samplers and DataLoaders; any index is valid.
     """
 
-    def __init__(self, seed: int = 0, length: int = 100_000, resolution: int = RESOLUTION):
-        self.seed, self.length, self.resolution = seed, length, resolution
+    def __init__(self, seed: int = 0, length: int = 100_000, resolution: int = RESOLUTION,
+                 variation: Variation = DEFAULT_VARIATION):
+        self.seed, self.length, self.resolution, self.variation = seed, length, resolution, variation
 
     def __len__(self) -> int:
         return self.length
 
     def scene(self, index: int) -> Scene:
-        return training_scene(self.seed, index)
+        return training_scene(self.seed, index, self.variation)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str]:
         scene = self.scene(index)

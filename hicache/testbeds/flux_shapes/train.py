@@ -27,7 +27,7 @@ from scipy.ndimage import maximum_filter
 from tqdm.auto import tqdm
 
 from .build import TestbedSizes, build_pipeline
-from .dataset import ShapesDataset, heldout_captions, render, shape_mask
+from .dataset import ShapesDataset, Variation, heldout_captions, render, shape_mask
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +282,8 @@ def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:
     else:
         pipe = build_pipeline(sizes, seed=cfg.seed)
     pipe.set_progress_bar_config(disable=True)
-    data = ShapesDataset(seed=cfg.seed)
+    variation = Variation(**OmegaConf.to_container(cfg.data, resolve=True)) if cfg.get("data") else Variation()
+    data = ShapesDataset(seed=cfg.seed, variation=variation)
     cap = cfg.max_steps
     vae_cfg = VAEStageConfig(**OmegaConf.to_container(cfg.vae, resolve=True))
     tr_cfg = TransformerStageConfig(**OmegaConf.to_container(cfg.transformer, resolve=True))
@@ -297,7 +298,7 @@ def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:
     t0 = time.perf_counter()
     if vae_cfg.steps > 0:
         train_vae(pipe.vae, data, vae_cfg, log)
-    held = ShapesDataset(seed=cfg.seed + 10_000)
+    held = ShapesDataset(seed=cfg.seed + 10_000, variation=variation)
     originals = [held[i][0] for i in range(cfg.samples.psnr_images)]
     psnr, rec = reconstruction_psnr(pipe.vae, originals)
     save_grid(originals[:16] + [_to_pil(r) for r in rec[:16]], samples / "vae_reconstructions.png")

@@ -1,0 +1,59 @@
+"""experiments/testbed_regime.py end to end on a tiny random FLUX pipeline (seconds)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hicache.testbeds.tiny.flux import save_tiny_flux_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _regime_module():
+    spec = importlib.util.spec_from_file_location("testbed_regime", REPO / "experiments" / "testbed_regime.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_regime_report_on_a_tiny_pipeline(tmp_path):
+    regime = _regime_module()
+    folder = save_tiny_flux_pipeline(tmp_path / "tiny")
+    out = regime.main([
+        "--testbed", str(folder), "--prompts", "3", "--steps", "12", "--intervals", "3", "7",
+        "--sigmas", "0.5", "--straightness-steps", "4", "--resolution", "16", "--batch", "2",
+        "--out", str(tmp_path / "out"), "--name", "smoke",
+    ])
+    result = json.loads((out / "regime.json").read_text())
+    assert (out / "regime.png").stat().st_size > 0
+    assert "## Trajectory straightness" in (out / "regime.md").read_text()
+    methods = {r["method"] for r in result["rows"]}
+    assert methods == {"steps", "FORA", "TaylorSeer O=1", "TaylorSeer O=2", "HiCache O=2 s=0.5"}
+    for r in result["rows"]:
+        assert len(r["psnr"]) == 3 and all(np.isfinite(r["psnr"]))
+    # the equal-cost sampler gets the schedule's full steps: 12 steps, warm-up 3, N=7 -> steps 0, 1, 2, 9
+    assert {r["interval"]: r["full_steps"] for r in result["rows"] if r["method"] == "steps"} == {3: 6, 7: 4}
+    s = result["straightness"]
+    assert len(s["velocity_cosine_per_step"]) == 11 and -1 <= s["velocity_cosine_mean"] <= 1
+    assert 0 < s["chord_over_path"] <= 1 + 1e-6
+    c = next(c for c in result["comparisons"] if c["interval"] == 7 and c["b"] == "steps" and c["a"] == "TaylorSeer O=2")
+    assert c["n"] == 3 and 0 <= c["wins"] <= 3 and c["ci_low"] <= c["mean"] <= c["ci_high"]
+    assert set(result["conditions"]) >= {"a_gap_N7_dB", "b_taylorseer_N7_dB", "c_checker_accuracy_reference"}
+
+
+def test_paired_counts_wins_and_brackets_the_mean():
+    regime = _regime_module()
+    res = regime.paired([3.0, 2.0, 5.0, 1.0], [1.0, 2.5, 1.0, 0.0])
+    assert res["wins"] == 3 and res["n"] == 4
+    assert res["mean"] == pytest.approx(1.625)
+    assert res["ci_low"] <= res["mean"] <= res["ci_high"]
+
+
+def test_full_step_count_matches_the_issue():
+    regime = _regime_module()
+    assert [regime.full_step_count(n, 50) for n in (7, 16, 24)] == [9, 5, 4]

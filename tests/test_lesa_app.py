@@ -132,3 +132,21 @@ def test_a_predictor_for_another_interval_is_a_one_line_error(predictors, tmp_pa
         run_overrides([*TINY_OVERRIDES, f"sampling.steps={STEPS}", "cache=lesa", "cache.interval=10",
                        f"cache.predictor={root}/predictors/N7", f"paths.outputs={tmp_path}"])
     assert "trained for interval 7, not 10" in capsys.readouterr().err
+
+
+def test_official_bfloat16_recipe_freezes_weights_that_float32_moves():
+    """Why float32 is the default: an AdamW step of ~lr = 1e-4 is below half a bfloat16 ulp of a weight near 0.5."""
+    moved = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        predictor = LesaPredictor(LesaPredictorConfig(timesteps=[1, 0.5, 0], interval=2, history_depth=2,
+                                                      hidden_dim=4)).to(dtype)
+        weight = predictor.experts["cond"].latent[1].weight
+        with torch.no_grad():
+            weight.fill_(0.5)
+        before = weight.detach().clone()
+        opt = PredictorOptimizer(predictor, lr=1e-4, weight_decay=1e-4, grad_clip=1.0, lr_step=500, lr_gamma=0.5)
+        history = [torch.randn(8, 4, dtype=dtype) for _ in range(2)]
+        opt.update(predictor(history, 0.7), torch.randn(8, 4))  # t = 0.7: stage 1
+        moved[dtype] = bool((weight.detach() != before).any())
+    assert moved == {torch.float32: True, torch.bfloat16: False}

@@ -121,13 +121,15 @@ def _lesa_random_stand_ins(monkeypatch):
     monkeypatch.setattr(hooks.SkipState, "zeros", noisy)
 
 
-def _lesa_config() -> hicache.CacheConfig:
+def _lesa_config(recipe: str = "flux") -> hicache.CacheConfig:
     """LESA on the toy loop's schedule (t = 1 - i/6): full at 0, 1, 3, 4; steps 2 and 5 forecast."""
     from hicache.lesa import LesaPredictor, LesaPredictorConfig
+    from hicache.recipes.lesa import get_lesa_recipe
 
     torch.manual_seed(0)
     predictor = LesaPredictor(LesaPredictorConfig(timesteps=[1 - i / STEPS for i in range(STEPS + 1)], interval=3,
-                                                  warmup=2, history_depth=2, hidden_dim=4))
+                                                  warmup=2, history_depth=2, hidden_dim=4,
+                                                  stage_thresholds=list(get_lesa_recipe(recipe).stage_thresholds)))
     return hicache.CacheConfig("lesa", interval=3, warmup=2, predictor=predictor)
 
 
@@ -145,9 +147,9 @@ def _lesa_models() -> list[str]:
 def test_lesa_skipped_outputs_are_dead_at_cached_steps(name, monkeypatch):
     """LESA skips the whole stack before its forecast tensor: every skipped output must be dead."""
     model, inputs, recipe = MODELS[name]()
-    with_zeros = _sample(model, inputs, recipe, _lesa_config())
+    with_zeros = _sample(model, inputs, recipe, _lesa_config(recipe))
     _lesa_random_stand_ins(monkeypatch)
-    with_noise = _sample(model, inputs, recipe, _lesa_config())
+    with_noise = _sample(model, inputs, recipe, _lesa_config(recipe))
     torch.testing.assert_close(with_noise, with_zeros, rtol=0, atol=0)
 
 

@@ -50,3 +50,19 @@ QWEN_IMAGE = register_recipe(
         live_chunks={BLOCK + r"img_mod\.1": (6, (2, 5))},
     )
 )
+
+from .lesa import LesaRecipe, register_lesa_recipe  # noqa: E402
+
+# LESA forecasts the image hidden state after ``norm_out`` and before ``proj_out`` (the input of ``proj_out``), per
+# CFG branch (a predictor with ``branches: [cond, uncond]`` under true CFG); the embeddings, the text stream, the
+# rotary embedding, every block and ``norm_out`` itself (and the time embedding, which only the blocks and
+# ``norm_out`` read) only feed it. The pipeline passes timestep = t; the official stage thresholds are 0.9 / 0.4.
+QWEN_IMAGE_LESA = register_lesa_recipe(LesaRecipe(
+    name="qwen_image",
+    target="proj_out",
+    io="input",
+    skip=(r"img_in", r"txt_norm", r"txt_in", r"time_text_embed", r"pos_embed", r"transformer_blocks\.\d+",
+          r"norm_out"),
+    timestep_scale=1.0,
+    stage_thresholds=(0.9, 0.4),
+))

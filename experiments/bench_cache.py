@@ -192,8 +192,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="(uncached, cached) pairs per configuration; the median pair is reported")
     parser.add_argument("--no-floor", action="store_true",
                         help="do not time the floor (it runs in the same process, and glibc's malloc adapts its thresholds to every run)")
-    parser.add_argument("--factor-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the stored differences (hicache's rows)")
+    parser.add_argument("--factor-dtype", default="output", choices=["output", "float32", "bfloat16", "float16"],
+                        help="dtype of the stored differences (hicache's rows); output: each output's own (the default)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc keeps freed memory in the process (no page faults back at full steps; see above)")
     args = parser.parse_args()
@@ -215,7 +215,7 @@ def main() -> None:
         for n in ([7] if args.quick else args.intervals):
             for order in ([0] if method == "fora" else [2] if args.quick else args.orders):
                 runs.append((method, hicache.CacheConfig(method, interval=n, warmup=args.warmup, order=order,
-                                                         factor_dtype=args.factor_dtype)))
+                                                         factor_dtype=None if args.factor_dtype == "output" else args.factor_dtype)))
     if not (args.quick or args.no_diffusers):
         runs.append(("diffusers taylorseer", TaylorSeerCacheConfig()))
         runs.append(("diffusers taylorseer lite", TaylorSeerCacheConfig(use_lite_mode=True)))

@@ -59,6 +59,7 @@ class CacheSummary:
     full_forwards: int
     cached_forwards: int
     fresh_tokens: dict | None = None  # clusca/hi_clusca: K, gamma, seed and the modules recomputed on K tokens
+    factor_dtypes: list[str] = field(default_factory=list)  # of the stored factors (none before a full step)
 
     def __str__(self) -> str:
         lines = [f"hicache: method={self.method} recipe={self.recipe}"]
@@ -74,7 +75,8 @@ class CacheSummary:
             lines.append(f"  {len(f['fresh_modules'])} modules recomputed for K={f['clusters']} fresh tokens at cached "
                          f"steps ({len(f['propagating_modules'])} propagating, gamma={f['propagation']}), seed {f['seed']}; "
                          f"clusters from {f['cluster_sources']}")
-        lines.append(f"  peak cache memory {self.cache_bytes / 2**20:.1f} MiB")
+        dtypes = f", factors in {'/'.join(self.factor_dtypes)}" if self.factor_dtypes else ""
+        lines.append(f"  peak cache memory {self.cache_bytes / 2**20:.1f} MiB{dtypes}")
         lines.append(f"  forwards so far: {self.full_forwards} full, {self.cached_forwards} cached")
         return "\n".join(lines)
 
@@ -214,7 +216,17 @@ def cache_summary(model, num_inference_steps: int | None = None) -> CacheSummary
         full_forwards=handle.step_hook.full_forwards if handle.step_hook else 0,
         cached_forwards=handle.step_hook.cached_forwards if handle.step_hook else 0,
         fresh_tokens=handle.fresh_tokens.describe() if handle.fresh_tokens else None,
+        factor_dtypes=_factor_dtypes(handle),
     )
+
+
+def _factor_dtypes(handle: CacheHandle) -> list[str]:
+    dtypes = {str(term.dtype).removeprefix("torch.")
+              for hook in handle.forecast_hooks.values()
+              for state in hook.state_manager._state_cache.values()
+              for history in state.histories or () if history is not None
+              for term in history._terms}
+    return sorted(dtypes)
 
 
 @contextmanager

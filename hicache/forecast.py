@@ -123,7 +123,7 @@ class DifferenceHistory:
         order: int,
         sigma: float = 0.5,
         warmup: int = 1,
-        factor_dtype: torch.dtype | None = torch.float32,
+        factor_dtype: torch.dtype | None = None,
         analytic: AnalyticSigma | None = None,
     ):
         if method not in _COEFFICIENTS:
@@ -133,7 +133,9 @@ class DifferenceHistory:
         self.order = 0 if method == "fora" else order
         self.sigma = sigma
         self.warmup = warmup
-        self.factor_dtype = factor_dtype
+        # None: the output's own dtype (the official code's). FORA's forecast is D0 itself, so converting it would
+        # only cost memory and two conversions per step.
+        self.factor_dtype = None if method == "fora" else factor_dtype
         self.analytic = analytic or AnalyticSigma()
         self.reset()
 

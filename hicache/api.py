@@ -14,6 +14,7 @@ from diffusers.hooks.hooks import CacheContext
 from .config import TOKEN_METHODS, CacheConfig
 from .hooks import (FORECAST_HOOK, HOOK_NAMES, LIVE_CHUNKS_HOOK, SKIP_HOOK, STAND_IN_SHAPE_OF_ROLE, STEP_HOOK, ForecastHook,
                     LiveChunksHook, SkipHook, StepHook, ZeroPool, pipeline_step_count, register)
+from .memory import MemoryEstimate, estimate_memory
 from .recipes import Recipe, get_recipe
 from . import fresh_tokens as token_wise
 
@@ -60,6 +61,7 @@ class CacheSummary:
     cached_forwards: int
     fresh_tokens: dict | None = None  # clusca/hi_clusca: K, gamma, seed and the modules recomputed on K tokens
     factor_dtypes: list[str] = field(default_factory=list)  # of the stored factors (none before a full step)
+    estimate: MemoryEstimate | None = None  # predicted before sampling, when a sampling shape is given
 
     def __str__(self) -> str:
         lines = [f"hicache: method={self.method} recipe={self.recipe}"]
@@ -78,6 +80,8 @@ class CacheSummary:
         dtypes = f", factors in {'/'.join(self.factor_dtypes)}" if self.factor_dtypes else ""
         lines.append(f"  peak cache memory {self.cache_bytes / 2**20:.1f} MiB{dtypes}")
         lines.append(f"  forwards so far: {self.full_forwards} full, {self.cached_forwards} cached")
+        if self.estimate is not None:
+            lines.append(f"  estimated: {self.estimate}")
         return "\n".join(lines)
 
 
@@ -188,9 +192,16 @@ def reset_cache(model) -> None:
     handle.zero_pool.clear()
 
 
-def cache_summary(model, num_inference_steps: int | None = None) -> CacheSummary:
+def cache_summary(model, num_inference_steps: int | None = None, *, height: int | None = None,
+                  width: int | None = None, frames: int | None = None, **estimate_kwargs) -> CacheSummary:
     """Full and cached steps, hooked modules and peak cache memory of the cache on ``model``; the step count is
-    the one given, else the config's, else that of the last call that ran."""
+    the one given, else the config's, else that of the last call that ran.
+
+    With ``height`` and ``width`` (and ``frames`` for video) the summary also predicts the memory of sampling at
+    that size (`hicache.estimate_memory`, on a meta twin of the model: nothing runs, no memory is allocated),
+    so it can be read before the first step; ``estimate_kwargs`` go to it (``batch``, ``contexts``,
+    ``text_tokens``, ``vae_scale_factor``).
+    """
     handle = _handle(model)
     cfg = handle.config
     n = num_inference_steps or cfg.num_inference_steps or (handle.step_hook.last_num_steps if handle.step_hook else None)
@@ -217,6 +228,8 @@ def cache_summary(model, num_inference_steps: int | None = None) -> CacheSummary
         cached_forwards=handle.step_hook.cached_forwards if handle.step_hook else 0,
         fresh_tokens=handle.fresh_tokens.describe() if handle.fresh_tokens else None,
         factor_dtypes=_factor_dtypes(handle),
+        estimate=None if height is None or width is None else estimate_memory(
+            model, cfg, handle.recipe, height=height, width=width, frames=frames, **estimate_kwargs),
     )
 
 

@@ -13,7 +13,7 @@ from diffusers.hooks.hooks import CacheContext
 
 from .config import TOKEN_METHODS, CacheConfig
 from .hooks import (FORECAST_HOOK, HOOK_NAMES, LIVE_CHUNKS_HOOK, SKIP_HOOK, STAND_IN_SHAPE_OF_ROLE, STEP_HOOK, ForecastHook,
-                    LiveChunksHook, SkipHook, StepHook, ZeroPool, pipeline_step_count, register)
+                    LiveChunksHook, SkipHook, StepHook, ZeroPool, pipeline_step_count, register, unregister)
 from .memory import MemoryEstimate, estimate_memory
 from .recipes import Recipe, get_recipe
 from . import fresh_tokens as token_wise
@@ -30,6 +30,7 @@ class CacheHandle:
     config: CacheConfig
     recipe: Recipe
     step_hook: StepHook | None = None
+    step_handle: torch.utils.hooks.RemovableHandle | None = None
     forecast_hooks: dict[str, ForecastHook] = field(default_factory=dict)
     skip_hooks: dict[str, SkipHook] = field(default_factory=dict)
     live_chunks_hooks: dict[str, LiveChunksHook] = field(default_factory=dict)
@@ -135,7 +136,8 @@ def apply_cache(model, config: CacheConfig, recipe: str | Recipe = "flux") -> Ca
         if config.method in TOKEN_METHODS:  # checked against the model before any hook is attached
             handle.fresh_tokens = token_wise.FreshTokenHooks(config, recipe, modules, forecast)
         handle.step_hook = StepHook(config.schedule, pipeline_step_count(pipe) if pipe is not None else None)
-        register(model, handle.step_hook, STEP_HOOK)
+        handle.step_hook.initialize_hook(model)
+        handle.step_handle = model.register_forward_pre_hook(handle.step_hook, with_kwargs=True, prepend=True)
         steps = handle.step_hook.state_manager
         for name in forecast:
             handle.forecast_hooks[name] = (handle.fresh_tokens.forecast_hook(name, steps) if handle.fresh_tokens
@@ -164,10 +166,11 @@ def remove_cache(model) -> None:
     if handle is None:
         raise ValueError("hicache is not applied to this model")
     if handle.step_hook is not None:
-        registry = HookRegistry.check_if_exists_or_initialize(model)
-        for name in HOOK_NAMES + token_wise.HOOK_NAMES:
-            registry.remove_hook(name, recurse=True)
-        registry.invalidate_child_registries_cache()
+        handle.step_handle.remove()
+        for module in model.modules():
+            for name in HOOK_NAMES + token_wise.HOOK_NAMES:
+                unregister(module, name)
+        HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
     delattr(model, _HANDLE_ATTR)
 
 

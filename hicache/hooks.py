@@ -4,7 +4,10 @@ Four hooks, one concern each, all on diffusers' own `HookRegistry`:
 
 - `StepHook` on the root module counts steps (one root forward = one step) and asks the schedule
   whether the step is full. Its `StateManager` is shared with every other hook, so they all see
-  the same step in the same cache context.
+  the same step in the same cache context (and the pipelines' `cache_context` and reset reach it
+  through them). It is a torch forward pre-hook, not a wrapper of ``forward``: accelerate's CPU
+  offload re-wraps the root's ``forward`` at the end of every pipeline call
+  (`maybe_free_model_hooks`), which would drop a wrapper, while ``_forward_pre_hooks`` survive it.
 - `ForecastHook` on a forecast module records its output at full steps and returns the forecast
   at cached steps without calling the module.
 - `SkipHook` on a skipped module runs it at full steps and returns zeros of the recorded shape at
@@ -110,6 +113,10 @@ class StepHook(ModelHook):
         self._timestep_at = _timestep_parameter(module)
         return module
 
+    def __call__(self, module: torch.nn.Module, args, kwargs) -> None:
+        """The root's forward pre-hook (``register_forward_pre_hook(hook, with_kwargs=True)``)."""
+        self.pre_forward(module, *args, **kwargs)
+
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         try:
             context = self.state_manager.context
@@ -133,7 +140,6 @@ class StepHook(ModelHook):
             self.full_forwards += 1
         else:
             self.cached_forwards += 1
-        return args, kwargs
 
     @staticmethod
     def starts_new_loop(state: StepState, step_index: int | None, timestep: float | None) -> bool:
@@ -347,6 +353,7 @@ class _CachedModuleHook(ModelHook):
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state_manager.reset()
+        self.steps.reset()  # the root's step hook is no registry's: its state is reset with its users'
         return module
 
 
@@ -454,3 +461,22 @@ def _sliceable(tensor: torch.Tensor, x: torch.Tensor) -> bool:
 
 def register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    hook.wrapper = module.forward  # to recognise it under a wrapper added later (accelerate's offload)
+
+
+def unregister(module: torch.nn.Module, name: str) -> None:
+    """Remove the hook ``name`` from ``module`` and leave any wrapper added on top of it working.
+
+    diffusers' `HookRegistry.remove_hook` sets ``module.forward`` back to what the hook wrapped, which would
+    also drop a wrapper added after it: accelerate's offload (``enable_sequential_cpu_offload`` wraps every
+    module with weights; model offload wraps the root) keeps what it wraps in ``module._old_forward`` and
+    calls that, so there the hook is taken out from under accelerate's wrapper instead."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None or name not in registry.hooks:
+        return
+    hook = registry.hooks[name]
+    outer = module.forward
+    wrapped = outer is not getattr(hook, "wrapper", outer) and getattr(module, "_old_forward", None) is hook.wrapper
+    registry.remove_hook(name, recurse=False)
+    if wrapped:
+        module._old_forward, module.forward = module.forward, outer

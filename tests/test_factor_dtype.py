@@ -6,7 +6,7 @@ import torch
 
 import hicache
 from hicache.forecast import DifferenceHistory
-from hicache.tiny import tiny_flux_transformer
+from hicache.testbeds.tiny.flux import tiny_flux_transformer
 
 
 def _fill(history: DifferenceHistory, dtype: torch.dtype, steps=(0, 1, 2)) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import hicache
-from hicache.tiny import tiny_flux_pipeline
+from hicache.testbeds.tiny.flux import tiny_flux_pipeline
 
 GEN = dict(num_inference_steps=6, output_type="pt", max_sequence_length=16)
 
@@ -40,7 +40,7 @@ def test_flux_estimate_equals_the_measured_cache(dtype, config):
 
 
 def test_inf_dit_estimate_equals_the_measured_cache_and_grows_with_area():
-    from hicache.models.inf_dit.tiny import tiny_inf_dit_pipeline
+    from hicache.testbeds.tiny.inf_dit import tiny_inf_dit_pipeline
 
     pipe = tiny_inf_dit_pipeline(with_image_encoder=False)
     config = hicache.CacheConfig("hicache", interval=3, warmup=2, order=2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hicache
-from hicache.tiny import tiny_flux_pipeline
+from hicache.testbeds.tiny.flux import tiny_flux_pipeline
 
 GEN = dict(height=32, width=32, num_inference_steps=6, output_type="pt", max_sequence_length=16)
 CONFIG = dict(method="hicache", interval=3, warmup=1, order=2)
@@ -94,7 +94,7 @@ def test_sequential_offload_in_both_orders(offload_calls, order):
     set_module_tensor_to_device, with or without a cache), so the transformer is offloaded alone."""
     from accelerate import cpu_offload
 
-    from hicache.tiny import tiny_flux_transformer
+    from hicache.testbeds.tiny.flux import tiny_flux_transformer
 
     reference = tiny_flux_transformer(num_layers=2, num_single_layers=2)
     config = hicache.CacheConfig(**CONFIG)

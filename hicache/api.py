@@ -31,6 +31,7 @@ class CacheHandle:
     recipe: Recipe
     step_hook: StepHook | None = None
     step_handle: torch.utils.hooks.RemovableHandle | None = None
+    release_handle: torch.utils.hooks.RemovableHandle | None = None
     forecast_hooks: dict[str, ForecastHook] = field(default_factory=dict)
     skip_hooks: dict[str, SkipHook] = field(default_factory=dict)
     live_chunks_hooks: dict[str, LiveChunksHook] = field(default_factory=dict)
@@ -138,6 +139,8 @@ def apply_cache(model, config: CacheConfig, recipe: str | Recipe = "flux") -> Ca
         handle.step_hook = StepHook(config.schedule, pipeline_step_count(pipe) if pipe is not None else None)
         handle.step_hook.initialize_hook(model)
         handle.step_handle = model.register_forward_pre_hook(handle.step_hook, with_kwargs=True, prepend=True)
+        handle.release_handle = model.register_forward_hook(handle.step_hook.after_forward, with_kwargs=True)
+        handle.step_hook.on_last_step = lambda name: _release_context(handle, name)
         steps = handle.step_hook.state_manager
         for name in forecast:
             handle.forecast_hooks[name] = (handle.fresh_tokens.forecast_hook(name, steps) if handle.fresh_tokens
@@ -167,6 +170,7 @@ def remove_cache(model) -> None:
         raise ValueError("hicache is not applied to this model")
     if handle.step_hook is not None:
         handle.step_handle.remove()
+        handle.release_handle.remove()
         for module in model.modules():
             for name in HOOK_NAMES + token_wise.HOOK_NAMES:
                 unregister(module, name)
@@ -268,6 +272,12 @@ def _check_live_chunks(recipe: Recipe, name: str, module: torch.nn.Module) -> No
     if module.out_features % num_chunks:
         raise ValueError(f"recipe {recipe.name!r}: live_chunks module {name!r} has {module.out_features} outputs, "
                          f"not divisible into {num_chunks} chunks")
+
+
+def _release_context(handle: CacheHandle, name: str) -> None:
+    """Drop one context's histories after its last step (the peak stays in the summary)."""
+    for hook in handle.forecast_hooks.values():
+        hook.state_manager._state_cache.pop(name, None)
 
 
 def _model_of(obj) -> torch.nn.Module:

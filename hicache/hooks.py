@@ -76,6 +76,7 @@ class StepState(BaseState):
 
     def reset(self) -> None:
         self.step = -1
+        self.started = False
         self.is_full = True
         self.num_steps: int | None = None  # the step count of this loop, if known
         self.timestep: float | None = None  # the last step's timestep, if the model takes one
@@ -108,13 +109,24 @@ class StepHook(ModelHook):
         self.last_num_steps: int | None = None
         self._timestep_at: tuple[int, str] | None = None
         self._warned: set[int] = set()
+        self.on_last_step = lambda context_name: None  # set by `apply_cache`: frees the context's history
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self._timestep_at = _timestep_parameter(module)
         return module
 
+    @torch.compiler.disable
+    def after_forward(self, module: torch.nn.Module, args, kwargs, output) -> None:
+        """The root's forward hook: after the last step of a known step count, the context's history is released,
+        so the memory of the factors is free again before the pipeline decodes the latents with its VAE."""
+        state: StepState = self.state_manager.get_state()
+        if state.num_steps is not None and state.step == state.num_steps - 1:
+            self.on_last_step(self.state_manager.context.name)
+
+    @torch.compiler.disable
     def __call__(self, module: torch.nn.Module, args, kwargs) -> None:
-        """The root's forward pre-hook (``register_forward_pre_hook(hook, with_kwargs=True)``)."""
+        """The root's forward pre-hook (``register_forward_pre_hook(hook, with_kwargs=True)``). Never compiled: under
+        ``torch.compile(model)`` the step count would be a guarded constant, one graph per step."""
         self.pre_forward(module, *args, **kwargs)
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
@@ -135,6 +147,7 @@ class StepHook(ModelHook):
                 state.direction = 1 if timestep > state.timestep else -1
             state.timestep = timestep
         state.step += 1
+        state.started = True
         state.is_full = self.schedule.is_full(state.step, state.num_steps)
         if state.is_full:
             self.full_forwards += 1
@@ -214,7 +227,7 @@ def pipeline_step_count(pipe) -> Callable[[], int | None]:
 def current_step(steps: StateManager, module_name: str) -> StepState:
     """The step the root module's `StepHook` is in, for a hook on one of its submodules."""
     step: StepState = steps.get_state()
-    if step.step < 0:
+    if not step.started:  # a bool, not the step number: compiled code would guard on (recompile for) the number
         raise RuntimeError(f"hicache: {module_name!r} ran before its root module's step hook")
     return step
 
@@ -282,6 +295,10 @@ class ZeroPool:
     def zeros(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, module_name: str) -> torch.Tensor:
         key = (tuple(shape), dtype, device)
         entry = self._tensors.get(key)
+        if torch.compiler.is_compiling():
+            # inside a compiled graph the zeros are a constant of the graph: no version bookkeeping (inference
+            # tensors have no version counter; the check would be a guard, recompiled at every new user)
+            return entry[0] if entry is not None else torch.zeros(shape, dtype=dtype, device=device)
         if entry is None:
             with torch.inference_mode(False):
                 tensor = torch.zeros(shape, dtype=dtype, device=device)

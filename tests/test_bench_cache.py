@@ -1,5 +1,6 @@
 """`experiments/bench_cache.py` runs end to end (on a toy-sized model; the real run is a benchmark)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,7 @@ def test_full_size_benchmark_path_on_cpu_at_one_layer():
          "--height", "64", "--width", "64", "--text-tokens", "8", "--steps", "3", "--intervals", "2", "--warmup", "1",
          "--threads", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "PYTHONPATH": str(REPO)},  # this checkout's hicache, whichever is installed
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("flux-dev: 0.55B parameters (random, float32), 64x64, 8 text tokens, 3 steps, cpu")

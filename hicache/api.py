@@ -236,7 +236,7 @@ def cache_summary(model, num_inference_steps: int | None = None, *, height: int 
         fresh_tokens=handle.fresh_tokens.describe() if handle.fresh_tokens else None,
         factor_dtypes=_factor_dtypes(handle),
         estimate=None if height is None or width is None else estimate_memory(
-            model, cfg, handle.recipe, height=height, width=width, frames=frames, **estimate_kwargs),
+            _model_of(model), cfg, handle.recipe, height=height, width=width, frames=frames, **estimate_kwargs),
     )
 
 

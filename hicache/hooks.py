@@ -153,6 +153,7 @@ class StepHook(ModelHook):
             self.full_forwards += 1
         else:
             self.cached_forwards += 1
+        return args, kwargs  # as a diffusers hook (LESA registers it so)
 
     @staticmethod
     def starts_new_loop(state: StepState, step_index: int | None, timestep: float | None) -> bool:

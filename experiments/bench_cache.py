@@ -20,6 +20,7 @@ peak memory and the ideal ratio, as one table:
 
     python experiments/bench_cache.py --full-size flux-dev --device cuda          # FLUX.1-dev 1024x1024, 50 steps
     python experiments/bench_cache.py --full-size hunyuan-video --device cuda     # 65 frames at 480x640 (long)
+    python experiments/bench_cache.py --full-size qwen-image --device cuda        # Qwen-Image 1328x1328
     python experiments/bench_cache.py --full-size flux-dev --layers 1 --height 64 --width 64 --text-tokens 8 --steps 4
 
 `--keep-freed-memory` sets glibc's malloc to keep freed memory in the process (the usual CPU-inference tuning,
@@ -191,7 +192,9 @@ FULL_SIZE = {
                                                 pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
                  "flux", (1024, 1024, None), 512),
     "hunyuan-video": ("HunyuanVideoTransformer3DModel", {}, "hunyuan_video", (480, 640, 65), 256),
+    "qwen-image": ("QwenImageTransformer2DModel", {}, "qwen_image", (1328, 1328, None), 128),
 }
+TIMESTEP_SCALE = {"flux-dev": 1.0, "hunyuan-video": 1000.0, "qwen-image": 1.0}  # what each pipeline feeds: sigma or 1000 sigma
 # (label, CacheConfig kwargs) of the full-size table: the paper's methods at N = 5 and 7 (warm-up 3, O = 2)
 FULL_SIZE_ROWS = tuple((f"{label} N={n}", dict(method=method, interval=n, warmup=3, order=order))
                        for n in (5, 7) for label, method, order in (("FORA", "fora", 0), ("TaylorSeer O=2", "taylorseer", 2),
@@ -199,24 +202,21 @@ FULL_SIZE_ROWS = tuple((f"{label} N={n}", dict(method=method, interval=n, warmup
 
 
 def full_size_transformer(name: str, layers: int | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """The published architecture with random weights, made on ``device`` without a CPU copy (meta, then to_empty)."""
+    """The published architecture with its default random initialisation, made on ``device`` in ``dtype``."""
     import diffusers
 
     cls_name, config, *_ = FULL_SIZE[name]
     config = dict(config)
     if layers is not None:  # the same blocks, fewer of them: the CPU test of the full-size path
-        config.update(num_layers=layers, num_single_layers=layers)
-    with torch.device("meta"):
-        model = getattr(diffusers, cls_name)(**config)
-    model = torch.nn.Module.to_empty(model, device=device)
-    model = torch.nn.Module.to(model, dtype)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            fan_in = param[0].numel() if param.ndim > 1 else 1
-            param.normal_(0.0, fan_in**-0.5 if param.ndim > 1 else 0.02, generator=g)
-        for buffer in model.buffers():
-            buffer.zero_()
+        config.update(num_layers=layers, **({"num_single_layers": layers} if name != "qwen-image" else {}))
+    default = torch.get_default_dtype()
+    torch.manual_seed(seed)
+    torch.set_default_dtype(dtype)  # made in its dtype, on the device: no float32 or CPU copy of a 12-20B model
+    try:
+        with torch.device(device):
+            model = getattr(diffusers, cls_name)(**config)
+    finally:
+        torch.set_default_dtype(default)
     return model.eval()
 
 
@@ -239,7 +239,7 @@ def full_size_inputs(name: str, model, height: int, width: int, frames: int | No
 
 
 @torch.inference_mode()
-def full_size_sample(model, inputs: dict, steps: int, device: torch.device) -> float:
+def full_size_sample(model, inputs: dict, steps: int, device: torch.device, timestep_scale: float = 1.0) -> float:
     """Seconds of a flow-matching Euler loop of ``steps`` transformer calls, synchronised with the device."""
     from hicache.app.speed import stopwatch
 
@@ -248,8 +248,7 @@ def full_size_sample(model, inputs: dict, steps: int, device: torch.device) -> f
     batch = x.shape[0]
     with stopwatch(device) as clock:
         for i in range(steps):
-            # FluxPipeline feeds sigma, HunyuanVideoPipeline 1000 sigma
-            t = torch.full((batch,), sigmas[i] * (1.0 if "img_ids" in inputs else 1000.0), device=device, dtype=x.dtype)
+            t = torch.full((batch,), sigmas[i] * timestep_scale, device=device, dtype=x.dtype)
             with model.cache_context("cond"):
                 v = model(**{**inputs, "hidden_states": x}, timestep=t)[0]
             x = x + (sigmas[i + 1] - sigmas[i]) * v
@@ -285,9 +284,9 @@ def full_size_main(args) -> None:
     intervals = (5, 7) if args.intervals == parser_defaults()["intervals"] else args.intervals
     rows = tuple((f"{label.split(' N=')[0]} N={n}", {**kw, "interval": n, "warmup": args.warmup}) for n in intervals
                  for label, kw in FULL_SIZE_ROWS[:3])
-    full_size_sample(model, inputs, 2, device)  # warm-up: kernels, allocator
+    full_size_sample(model, inputs, 2, device, TIMESTEP_SCALE[args.full_size])  # warm-up: kernels, allocator
     _reset_peak(device)
-    base = [full_size_sample(model, inputs, args.steps, device)]
+    base = [full_size_sample(model, inputs, args.steps, device, TIMESTEP_SCALE[args.full_size])]
     base_peak = _peak_bytes(device)
     results = []
     for label, kwargs in tqdm(rows, desc="caches"):
@@ -295,13 +294,13 @@ def full_size_main(args) -> None:
         hicache.apply_cache(model, config, recipe)
         try:
             _reset_peak(device)
-            seconds = full_size_sample(model, inputs, args.steps, device)
+            seconds = full_size_sample(model, inputs, args.steps, device, TIMESTEP_SCALE[args.full_size])
             summary = hicache.cache_summary(model, args.steps)
         finally:
             hicache.remove_cache(model)
         results.append((label, len(summary.full_steps), seconds, _peak_bytes(device), summary.cache_bytes,
                         summary.ideal_speedup))
-    base.append(full_size_sample(model, inputs, args.steps, device))  # again after: the machine did not drift
+    base.append(full_size_sample(model, inputs, args.steps, device, TIMESTEP_SCALE[args.full_size]))  # again after: the machine did not drift
     uncached = statistics.mean(base)
 
     def gib(n):

@@ -14,6 +14,15 @@ the same pair, gives the best speedup any cache attached to the unmodified model
     python experiments/bench_cache.py --steps 20 --tokens 256 --quick
     python experiments/bench_cache.py --threads 2 --repeats 5 --intervals 7 --keep-freed-memory
 
+At full size, on a GPU (`--full-size`): the real transformer built from its published config with random weights
+(latency does not depend on the values), at the paper's resolution, uncached vs cached latency per method and N,
+peak memory and the ideal ratio, as one table:
+
+    python experiments/bench_cache.py --full-size flux-dev --device cuda          # FLUX.1-dev 1024x1024, 50 steps
+    python experiments/bench_cache.py --full-size hunyuan-video --device cuda     # 65 frames at 480x640 (long)
+    python experiments/bench_cache.py --full-size qwen-image --device cuda        # Qwen-Image 1328x1328
+    python experiments/bench_cache.py --full-size flux-dev --layers 1 --height 64 --width 64 --text-tokens 8 --steps 4
+
 `--keep-freed-memory` sets glibc's malloc to keep freed memory in the process (the usual CPU-inference tuning,
 what jemalloc or tcmalloc do by default). With glibc's defaults the memory of a full step's activations can go back
 to the OS during the cached steps that follow, and the next full step page-faults it in again: measured here,
@@ -176,6 +185,141 @@ def median_ms(times: list[float]) -> float:
     return 1000 * statistics.median(times) if times else float("nan")
 
 
+FULL_SIZE = {
+    # name: (diffusers class, published transformer config, recipe, (height, width, frames), text tokens)
+    "flux-dev": ("FluxTransformer2DModel", dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                                pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+                 "flux", (1024, 1024, None), 512),
+    "hunyuan-video": ("HunyuanVideoTransformer3DModel", {}, "hunyuan_video", (480, 640, 65), 256),
+    "qwen-image": ("QwenImageTransformer2DModel", {}, "qwen_image", (1328, 1328, None), 128),
+}
+TIMESTEP_SCALE = {"flux-dev": 1.0, "hunyuan-video": 1000.0, "qwen-image": 1.0}  # what each pipeline feeds: sigma or 1000 sigma
+# (label, CacheConfig kwargs) of the full-size table: the paper's methods at N = 5 and 7 (warm-up 3, O = 2)
+FULL_SIZE_ROWS = tuple((f"{label} N={n}", dict(method=method, interval=n, warmup=3, order=order))
+                       for n in (5, 7) for label, method, order in (("FORA", "fora", 0), ("TaylorSeer O=2", "taylorseer", 2),
+                                                                    ("HiCache O=2", "hicache", 2)))
+
+
+def full_size_transformer(name: str, layers: int | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """The published architecture with its default random initialisation, made on ``device`` in ``dtype``."""
+    import diffusers
+
+    cls_name, config, *_ = FULL_SIZE[name]
+    config = dict(config)
+    if layers is not None:  # the same blocks, fewer of them: the CPU test of the full-size path
+        config.update(num_layers=layers, **({"num_single_layers": layers} if name != "qwen-image" else {}))
+    default = torch.get_default_dtype()
+    torch.manual_seed(seed)
+    torch.set_default_dtype(dtype)  # made in its dtype, on the device: no float32 or CPU copy of a 12-20B model
+    try:
+        with torch.device(device):
+            model = getattr(diffusers, cls_name)(**config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def full_size_inputs(name: str, model, height: int, width: int, frames: int | None, text_tokens: int,
+                     device: torch.device, dtype: torch.dtype) -> dict:
+    from hicache.memory import INPUT_BUILDERS
+
+    *_, recipe, _, _ = FULL_SIZE[name]
+    kwargs = dict(frames=frames) if frames else {}
+    inputs = INPUT_BUILDERS[recipe](model.config, height=height, width=width, text_tokens=text_tokens, dtype=dtype,
+                                    device=device, **kwargs)
+    g = torch.Generator(device=device).manual_seed(0)
+    for key, value in inputs.items():  # the builders give shapes; the benchmark needs finite values
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and key not in ("timestep", "guidance") \
+                and "mask" not in key:
+            inputs[key] = torch.randn(value.shape, generator=g, device=device, dtype=dtype) if "ids" not in key \
+                else torch.zeros_like(value)
+    inputs.pop("timestep", None)
+    return inputs
+
+
+@torch.inference_mode()
+def full_size_sample(model, inputs: dict, steps: int, device: torch.device, timestep_scale: float = 1.0) -> float:
+    """Seconds of a flow-matching Euler loop of ``steps`` transformer calls, synchronised with the device."""
+    from hicache.app.speed import stopwatch
+
+    sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    x = inputs["hidden_states"]
+    batch = x.shape[0]
+    with stopwatch(device) as clock:
+        for i in range(steps):
+            t = torch.full((batch,), sigmas[i] * timestep_scale, device=device, dtype=x.dtype)
+            with model.cache_context("cond"):
+                v = model(**{**inputs, "hidden_states": x}, timestep=t)[0]
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+    model._reset_stateful_cache()
+    return clock["seconds"]
+
+
+def _peak_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def full_size_main(args) -> None:
+    """``--full-size``: one table of uncached vs cached latency at the paper's size (see the module docstring)."""
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    _, _, recipe, (height, width, frames), text_tokens = FULL_SIZE[args.full_size]
+    height, width = args.height or height, args.width or width
+    frames = args.frames or frames
+    text_tokens = args.text_tokens or text_tokens
+    model = full_size_transformer(args.full_size, args.layers, device, dtype)
+    inputs = full_size_inputs(args.full_size, model, height, width, frames, text_tokens, device, dtype)
+    params = sum(p.numel() for p in model.parameters())
+    shape = f"{frames} x {height}x{width}" if frames else f"{height}x{width}"
+    print(f"{args.full_size}: {params / 1e9:.2f}B parameters (random, {str(dtype).removeprefix('torch.')}), {shape}, "
+          f"{text_tokens} text tokens, {args.steps} steps, {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
+    intervals = (5, 7) if args.intervals == parser_defaults()["intervals"] else args.intervals
+    rows = tuple((f"{label.split(' N=')[0]} N={n}", {**kw, "interval": n, "warmup": args.warmup}) for n in intervals
+                 for label, kw in FULL_SIZE_ROWS[:3])
+    full_size_sample(model, inputs, 2, device, TIMESTEP_SCALE[args.full_size])  # warm-up: kernels, allocator
+    _reset_peak(device)
+    base = [full_size_sample(model, inputs, args.steps, device, TIMESTEP_SCALE[args.full_size])]
+    base_peak = _peak_bytes(device)
+    results = []
+    for label, kwargs in tqdm(rows, desc="caches"):
+        config = hicache.CacheConfig(**kwargs, factor_dtype=None if args.factor_dtype == "output" else args.factor_dtype)
+        hicache.apply_cache(model, config, recipe)
+        try:
+            _reset_peak(device)
+            seconds = full_size_sample(model, inputs, args.steps, device, TIMESTEP_SCALE[args.full_size])
+            summary = hicache.cache_summary(model, args.steps)
+        finally:
+            hicache.remove_cache(model)
+        results.append((label, len(summary.full_steps), seconds, _peak_bytes(device), summary.cache_bytes,
+                        summary.ideal_speedup))
+    base.append(full_size_sample(model, inputs, args.steps, device, TIMESTEP_SCALE[args.full_size]))  # again after: the machine did not drift
+    uncached = statistics.mean(base)
+
+    def gib(n):
+        return "n/a" if n is None else f"{n / 2**30:.2f}"
+
+    print(f"\n| method | full steps | latency (s) | speedup | ideal | speedup / ideal | peak memory (GiB) | cache (GiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| uncached | {args.steps} | {uncached:.2f} ({base[0]:.2f}, {base[1]:.2f}) | 1.00x | 1.00x | 1.00 "
+          f"| {gib(base_peak)} | 0 |")
+    for label, full, seconds, peak, cache, ideal in results:
+        speedup = uncached / seconds
+        print(f"| {label} | {full} | {seconds:.2f} | {speedup:.2f}x | {ideal:.2f}x | {speedup / ideal:.2f} "
+              f"| {gib(peak)} | {gib(cache)} |")
+
+
+def parser_defaults() -> dict:
+    return {"intervals": [5, 6, 7, 9]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
@@ -192,11 +336,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="(uncached, cached) pairs per configuration; the median pair is reported")
     parser.add_argument("--no-floor", action="store_true",
                         help="do not time the floor (it runs in the same process, and glibc's malloc adapts its thresholds to every run)")
-    parser.add_argument("--factor-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the stored differences (hicache's rows)")
+    parser.add_argument("--factor-dtype", default="output", choices=["output", "float32", "bfloat16", "float16"],
+                        help="dtype of the stored differences (hicache's rows); output: each output's own (the default)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc keeps freed memory in the process (no page faults back at full steps; see above)")
+    parser.add_argument("--full-size", choices=sorted(FULL_SIZE),
+                        help="the published transformer at the paper's size, random weights (see the docstring)")
+    parser.add_argument("--device", default="cpu", help="--full-size: cuda, cuda:1, cpu")
+    parser.add_argument("--layers", type=int, default=None, help="--full-size: double and single blocks (default: all)")
+    parser.add_argument("--height", type=int, default=None, help="--full-size: pixels (default: the paper's)")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--frames", type=int, default=None, help="--full-size hunyuan-video: frames (default 65)")
+    parser.add_argument("--text-tokens", type=int, default=None, help="--full-size: text tokens (default: the pipeline's)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="--full-size: weights (default: bfloat16 on cuda, float32 on cpu)")
     args = parser.parse_args()
+    if args.full_size:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return full_size_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
@@ -215,7 +373,7 @@ def main() -> None:
         for n in ([7] if args.quick else args.intervals):
             for order in ([0] if method == "fora" else [2] if args.quick else args.orders):
                 runs.append((method, hicache.CacheConfig(method, interval=n, warmup=args.warmup, order=order,
-                                                         factor_dtype=args.factor_dtype)))
+                                                         factor_dtype=None if args.factor_dtype == "output" else args.factor_dtype)))
     if not (args.quick or args.no_diffusers):
         runs.append(("diffusers taylorseer", TaylorSeerCacheConfig()))
         runs.append(("diffusers taylorseer lite", TaylorSeerCacheConfig(use_lite_mode=True)))

@@ -45,7 +45,7 @@ def one_step_psnr(pipe, hr: torch.Tensor, lr: torch.Tensor, sigma: float, seed: 
     up = bicubic_resize(lr_pm, tuple(hr.shape[-2:])).clamp(-1, 1)
     noisy = hr * 2 - 1 + torch.randn(hr.shape, generator=torch.Generator().manual_seed(seed)) * sigma
     embeds = encode_lr_image(pipe.image_encoder, lr_pm)
-    denoised = pipe.denoise(noisy, torch.full((len(hr),), sigma), up, lr_pm, embeds, 0, 1)
+    denoised = pipe.denoise(noisy, torch.full((len(hr),), sigma), up, lr_pm, embeds, 0, 1, float(sigma))
     return float(psnr(((denoised + 1) / 2).clamp(0, 1), hr).mean())
 
 

@@ -10,6 +10,7 @@ from .api import CacheHandle, CacheSummary, apply_cache, cache_context, cache_su
 from .check import RecipeReport, candidate_modules, check_recipe
 from .config import CacheConfig
 from .forecast import METHODS
+from .memory import MemoryEstimate, estimate_memory
 from .recipes import ClusterSource, FreshTokens, Recipe, available_recipes, get_recipe, register_recipe
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "ClusterSource",
     "FreshTokens",
     "METHODS",
+    "MemoryEstimate",
     "Recipe",
     "RecipeReport",
     "apply_cache",
@@ -27,6 +29,7 @@ __all__ = [
     "cache_summary",
     "candidate_modules",
     "check_recipe",
+    "estimate_memory",
     "get_recipe",
     "register_recipe",
     "remove_cache",

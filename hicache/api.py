@@ -13,7 +13,8 @@ from diffusers.hooks.hooks import CacheContext
 
 from .config import TOKEN_METHODS, CacheConfig
 from .hooks import (FORECAST_HOOK, HOOK_NAMES, LIVE_CHUNKS_HOOK, SKIP_HOOK, STAND_IN_SHAPE_OF_ROLE, STEP_HOOK, ForecastHook,
-                    LiveChunksHook, SkipHook, StepHook, ZeroPool, pipeline_step_count, register)
+                    LiveChunksHook, SkipHook, StepHook, ZeroPool, pipeline_step_count, register, unregister)
+from .memory import MemoryEstimate, estimate_memory
 from .recipes import Recipe, get_recipe
 from . import fresh_tokens as token_wise
 
@@ -29,6 +30,8 @@ class CacheHandle:
     config: CacheConfig
     recipe: Recipe
     step_hook: StepHook | None = None
+    step_handle: torch.utils.hooks.RemovableHandle | None = None
+    release_handle: torch.utils.hooks.RemovableHandle | None = None
     forecast_hooks: dict[str, ForecastHook] = field(default_factory=dict)
     skip_hooks: dict[str, SkipHook] = field(default_factory=dict)
     live_chunks_hooks: dict[str, LiveChunksHook] = field(default_factory=dict)
@@ -59,6 +62,8 @@ class CacheSummary:
     full_forwards: int
     cached_forwards: int
     fresh_tokens: dict | None = None  # clusca/hi_clusca: K, gamma, seed and the modules recomputed on K tokens
+    factor_dtypes: list[str] = field(default_factory=list)  # of the stored factors (none before a full step)
+    estimate: MemoryEstimate | None = None  # predicted before sampling, when a sampling shape is given
 
     def __str__(self) -> str:
         lines = [f"hicache: method={self.method} recipe={self.recipe}"]
@@ -74,8 +79,11 @@ class CacheSummary:
             lines.append(f"  {len(f['fresh_modules'])} modules recomputed for K={f['clusters']} fresh tokens at cached "
                          f"steps ({len(f['propagating_modules'])} propagating, gamma={f['propagation']}), seed {f['seed']}; "
                          f"clusters from {f['cluster_sources']}")
-        lines.append(f"  peak cache memory {self.cache_bytes / 2**20:.1f} MiB")
+        dtypes = f", factors in {'/'.join(self.factor_dtypes)}" if self.factor_dtypes else ""
+        lines.append(f"  peak cache memory {self.cache_bytes / 2**20:.1f} MiB{dtypes}")
         lines.append(f"  forwards so far: {self.full_forwards} full, {self.cached_forwards} cached")
+        if self.estimate is not None:
+            lines.append(f"  estimated: {self.estimate}")
         return "\n".join(lines)
 
 
@@ -129,7 +137,10 @@ def apply_cache(model, config: CacheConfig, recipe: str | Recipe = "flux") -> Ca
         if config.method in TOKEN_METHODS:  # checked against the model before any hook is attached
             handle.fresh_tokens = token_wise.FreshTokenHooks(config, recipe, modules, forecast)
         handle.step_hook = StepHook(config.schedule, pipeline_step_count(pipe) if pipe is not None else None)
-        register(model, handle.step_hook, STEP_HOOK)
+        handle.step_hook.initialize_hook(model)
+        handle.step_handle = model.register_forward_pre_hook(handle.step_hook, with_kwargs=True, prepend=True)
+        handle.release_handle = model.register_forward_hook(handle.step_hook.after_forward, with_kwargs=True)
+        handle.step_hook.on_last_step = lambda name: _release_context(handle, name)
         steps = handle.step_hook.state_manager
         for name in forecast:
             handle.forecast_hooks[name] = (handle.fresh_tokens.forecast_hook(name, steps) if handle.fresh_tokens
@@ -158,10 +169,12 @@ def remove_cache(model) -> None:
     if handle is None:
         raise ValueError("hicache is not applied to this model")
     if handle.step_hook is not None:
-        registry = HookRegistry.check_if_exists_or_initialize(model)
-        for name in HOOK_NAMES + token_wise.HOOK_NAMES:
-            registry.remove_hook(name, recurse=True)
-        registry.invalidate_child_registries_cache()
+        handle.step_handle.remove()
+        handle.release_handle.remove()
+        for module in model.modules():
+            for name in HOOK_NAMES + token_wise.HOOK_NAMES:
+                unregister(module, name)
+        HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
     delattr(model, _HANDLE_ATTR)
 
 
@@ -186,9 +199,16 @@ def reset_cache(model) -> None:
     handle.zero_pool.clear()
 
 
-def cache_summary(model, num_inference_steps: int | None = None) -> CacheSummary:
+def cache_summary(model, num_inference_steps: int | None = None, *, height: int | None = None,
+                  width: int | None = None, frames: int | None = None, **estimate_kwargs) -> CacheSummary:
     """Full and cached steps, hooked modules and peak cache memory of the cache on ``model``; the step count is
-    the one given, else the config's, else that of the last call that ran."""
+    the one given, else the config's, else that of the last call that ran.
+
+    With ``height`` and ``width`` (and ``frames`` for video) the summary also predicts the memory of sampling at
+    that size (`hicache.estimate_memory`, on a meta twin of the model: nothing runs, no memory is allocated),
+    so it can be read before the first step; ``estimate_kwargs`` go to it (``batch``, ``contexts``,
+    ``text_tokens``, ``vae_scale_factor``).
+    """
     handle = _handle(model)
     cfg = handle.config
     n = num_inference_steps or cfg.num_inference_steps or (handle.step_hook.last_num_steps if handle.step_hook else None)
@@ -214,7 +234,19 @@ def cache_summary(model, num_inference_steps: int | None = None) -> CacheSummary
         full_forwards=handle.step_hook.full_forwards if handle.step_hook else 0,
         cached_forwards=handle.step_hook.cached_forwards if handle.step_hook else 0,
         fresh_tokens=handle.fresh_tokens.describe() if handle.fresh_tokens else None,
+        factor_dtypes=_factor_dtypes(handle),
+        estimate=None if height is None or width is None else estimate_memory(
+            _model_of(model), cfg, handle.recipe, height=height, width=width, frames=frames, **estimate_kwargs),
     )
+
+
+def _factor_dtypes(handle: CacheHandle) -> list[str]:
+    dtypes = {str(term.dtype).removeprefix("torch.")
+              for hook in handle.forecast_hooks.values()
+              for state in hook.state_manager._state_cache.values()
+              for history in state.histories or () if history is not None
+              for term in history._terms}
+    return sorted(dtypes)
 
 
 @contextmanager
@@ -240,6 +272,12 @@ def _check_live_chunks(recipe: Recipe, name: str, module: torch.nn.Module) -> No
     if module.out_features % num_chunks:
         raise ValueError(f"recipe {recipe.name!r}: live_chunks module {name!r} has {module.out_features} outputs, "
                          f"not divisible into {num_chunks} chunks")
+
+
+def _release_context(handle: CacheHandle, name: str) -> None:
+    """Drop one context's histories after its last step (the peak stays in the summary)."""
+    for hook in handle.forecast_hooks.values():
+        hook.state_manager._state_cache.pop(name, None)
 
 
 def _model_of(obj) -> torch.nn.Module:

@@ -103,14 +103,17 @@ class AnalyticSigma:
     beta: float = 0.01
     eps: float = 1e-6
 
-    def observe(self, ema: float | None, first_difference: torch.Tensor, scale: float = 1.0) -> float:
-        """The EMA after seeing D1 = ``scale * first_difference``."""
+    def observe(self, ema: torch.Tensor | None, first_difference: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """The EMA after seeing D1 = ``scale * first_difference``: a 0-d float32 tensor on D1's device, so that no
+        step waits for the device to report a number (the official code's ``.item()`` is a host sync per output)."""
         d1 = first_difference.float()
         token_norms = d1.norm(dim=-1) if d1.dim() > 0 else d1.abs()
-        x = (abs(scale) * float(token_norms.mean())) ** 2
+        x = (abs(scale) * token_norms.mean()) ** 2
         return x if ema is None else (1.0 - self.beta) * ema + self.beta * x
 
-    def sigma(self, ema: float) -> float:
+    def sigma(self, ema: torch.Tensor | float) -> torch.Tensor | float:
+        if isinstance(ema, torch.Tensor):
+            return torch.clamp(self.alpha / (math.sqrt(2.0) * ema.sqrt() + self.eps), max=self.sigma_max)
         return min(self.sigma_max, self.alpha / (math.sqrt(2.0) * math.sqrt(ema) + self.eps))
 
 
@@ -123,7 +126,7 @@ class DifferenceHistory:
         order: int,
         sigma: float = 0.5,
         warmup: int = 1,
-        factor_dtype: torch.dtype | None = torch.float32,
+        factor_dtype: torch.dtype | None = None,
         analytic: AnalyticSigma | None = None,
     ):
         if method not in _COEFFICIENTS:
@@ -133,7 +136,9 @@ class DifferenceHistory:
         self.order = 0 if method == "fora" else order
         self.sigma = sigma
         self.warmup = warmup
-        self.factor_dtype = factor_dtype
+        # None: the output's own dtype (the official code's). FORA's forecast is D0 itself, so converting it would
+        # only cost memory and two conversions per step.
+        self.factor_dtype = None if method == "fora" else factor_dtype
         self.analytic = analytic or AnalyticSigma()
         self.reset()
 
@@ -142,7 +147,7 @@ class DifferenceHistory:
         self._scales: list[float] = []
         self.last_step: int | None = None
         self.output_dtype: torch.dtype | None = None
-        self._ema: float | None = None
+        self._ema: torch.Tensor | None = None
 
     @property
     def factors(self) -> list[torch.Tensor]:
@@ -152,6 +157,11 @@ class DifferenceHistory:
 
     @property
     def current_sigma(self) -> float:
+        """The sigma of the next forecast, as a number (for inspection: the forecast itself keeps it on the device)."""
+        sigma = self._sigma()
+        return float(sigma) if isinstance(sigma, torch.Tensor) else sigma
+
+    def _sigma(self) -> torch.Tensor | float:
         if self.method == "hicache_analytic" and self._ema is not None:
             return self.analytic.sigma(self._ema)
         return self.sigma
@@ -207,7 +217,14 @@ class DifferenceHistory:
         if self.last_step is None:
             raise RuntimeError("cannot forecast before any full step was recorded")
         k = step - self.last_step
-        weights = coefficients(self.method, k, len(self._terms), self.current_sigma)
+        sigma = self._sigma()
+        if isinstance(sigma, torch.Tensor):  # the adaptive sigma stays on the device: tensor weights, no sync
+            weights = [1.0] + [sigma**i * hermite(i, sigma * k) / math.factorial(i) for i in range(1, len(self._terms))]
+            out = self._terms[0].clone()
+            for w, c, u in zip(weights[1:], self._scales[1:], self._terms[1:]):
+                out.addcmul_(u, (w * c).to(u.dtype))
+            return out.to(self.output_dtype)
+        weights = coefficients(self.method, k, len(self._terms), sigma)
         terms = [(w * c, u) for w, c, u in zip(weights[1:], self._scales[1:], self._terms[1:]) if w != 0.0]
         if not terms:  # a fresh tensor, never the stored D0 itself: callers may write into it
             return self._terms[0].to(self.output_dtype, copy=True)

@@ -4,7 +4,10 @@ Four hooks, one concern each, all on diffusers' own `HookRegistry`:
 
 - `StepHook` on the root module counts steps (one root forward = one step) and asks the schedule
   whether the step is full. Its `StateManager` is shared with every other hook, so they all see
-  the same step in the same cache context.
+  the same step in the same cache context (and the pipelines' `cache_context` and reset reach it
+  through them). It is a torch forward pre-hook, not a wrapper of ``forward``: accelerate's CPU
+  offload re-wraps the root's ``forward`` at the end of every pipeline call
+  (`maybe_free_model_hooks`), which would drop a wrapper, while ``_forward_pre_hooks`` survive it.
 - `ForecastHook` on a forecast module records its output at full steps and returns the forecast
   at cached steps without calling the module.
 - `SkipHook` on a skipped module runs it at full steps and returns zeros of the recorded shape at
@@ -73,6 +76,7 @@ class StepState(BaseState):
 
     def reset(self) -> None:
         self.step = -1
+        self.started = False
         self.is_full = True
         self.num_steps: int | None = None  # the step count of this loop, if known
         self.timestep: float | None = None  # the last step's timestep, if the model takes one
@@ -105,10 +109,25 @@ class StepHook(ModelHook):
         self.last_num_steps: int | None = None
         self._timestep_at: tuple[int, str] | None = None
         self._warned: set[int] = set()
+        self.on_last_step = lambda context_name: None  # set by `apply_cache`: frees the context's history
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self._timestep_at = _timestep_parameter(module)
         return module
+
+    @torch.compiler.disable
+    def after_forward(self, module: torch.nn.Module, args, kwargs, output) -> None:
+        """The root's forward hook: after the last step of a known step count, the context's history is released,
+        so the memory of the factors is free again before the pipeline decodes the latents with its VAE."""
+        state: StepState = self.state_manager.get_state()
+        if state.num_steps is not None and state.step == state.num_steps - 1:
+            self.on_last_step(self.state_manager.context.name)
+
+    @torch.compiler.disable
+    def __call__(self, module: torch.nn.Module, args, kwargs) -> None:
+        """The root's forward pre-hook (``register_forward_pre_hook(hook, with_kwargs=True)``). Never compiled: under
+        ``torch.compile(model)`` the step count would be a guarded constant, one graph per step."""
+        self.pre_forward(module, *args, **kwargs)
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         try:
@@ -128,12 +147,13 @@ class StepHook(ModelHook):
                 state.direction = 1 if timestep > state.timestep else -1
             state.timestep = timestep
         state.step += 1
+        state.started = True
         state.is_full = self.schedule.is_full(state.step, state.num_steps)
         if state.is_full:
             self.full_forwards += 1
         else:
             self.cached_forwards += 1
-        return args, kwargs
+        return args, kwargs  # as a diffusers hook (LESA registers it so)
 
     @staticmethod
     def starts_new_loop(state: StepState, step_index: int | None, timestep: float | None) -> bool:
@@ -208,7 +228,7 @@ def pipeline_step_count(pipe) -> Callable[[], int | None]:
 def current_step(steps: StateManager, module_name: str) -> StepState:
     """The step the root module's `StepHook` is in, for a hook on one of its submodules."""
     step: StepState = steps.get_state()
-    if step.step < 0:
+    if not step.started:  # a bool, not the step number: compiled code would guard on (recompile for) the number
         raise RuntimeError(f"hicache: {module_name!r} ran before its root module's step hook")
     return step
 
@@ -276,6 +296,10 @@ class ZeroPool:
     def zeros(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, module_name: str) -> torch.Tensor:
         key = (tuple(shape), dtype, device)
         entry = self._tensors.get(key)
+        if torch.compiler.is_compiling():
+            # inside a compiled graph the zeros are a constant of the graph: no version bookkeeping (inference
+            # tensors have no version counter; the check would be a guard, recompiled at every new user)
+            return entry[0] if entry is not None else torch.zeros(shape, dtype=dtype, device=device)
         if entry is None:
             with torch.inference_mode(False):
                 tensor = torch.zeros(shape, dtype=dtype, device=device)
@@ -347,6 +371,7 @@ class _CachedModuleHook(ModelHook):
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state_manager.reset()
+        self.steps.reset()  # the root's step hook is no registry's: its state is reset with its users'
         return module
 
 
@@ -454,3 +479,22 @@ def _sliceable(tensor: torch.Tensor, x: torch.Tensor) -> bool:
 
 def register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    hook.wrapper = module.forward  # to recognise it under a wrapper added later (accelerate's offload)
+
+
+def unregister(module: torch.nn.Module, name: str) -> None:
+    """Remove the hook ``name`` from ``module`` and leave any wrapper added on top of it working.
+
+    diffusers' `HookRegistry.remove_hook` sets ``module.forward`` back to what the hook wrapped, which would
+    also drop a wrapper added after it: accelerate's offload (``enable_sequential_cpu_offload`` wraps every
+    module with weights; model offload wraps the root) keeps what it wraps in ``module._old_forward`` and
+    calls that, so there the hook is taken out from under accelerate's wrapper instead."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None or name not in registry.hooks:
+        return
+    hook = registry.hooks[name]
+    outer = module.forward
+    wrapped = outer is not getattr(hook, "wrapper", outer) and getattr(module, "_old_forward", None) is hook.wrapper
+    registry.remove_hook(name, recurse=False)
+    if wrapped:
+        module._old_forward, module.forward = module.forward, outer

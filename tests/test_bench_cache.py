@@ -1,5 +1,6 @@
 """`experiments/bench_cache.py` runs end to end (on a toy-sized model; the real run is a benchmark)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,22 @@ def test_bench_cache_rejects_an_unknown_factor_dtype_in_one_line():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "argument --factor-dtype: invalid choice: 'int8'" in proc.stderr
+
+
+def test_full_size_benchmark_path_on_cpu_at_one_layer():
+    """`--full-size flux-dev` as on a GPU (published config, random weights, the paper's methods), shrunk to one
+    double and one single block, a 64x64 image and 8 text tokens so that it runs on a CPU."""
+    proc = subprocess.run(
+        [sys.executable, "experiments/bench_cache.py", "--full-size", "flux-dev", "--device", "cpu", "--layers", "1",
+         "--height", "64", "--width", "64", "--text-tokens", "8", "--steps", "3", "--intervals", "2", "--warmup", "1",
+         "--threads", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "PYTHONPATH": str(REPO)},  # this checkout's hicache, whichever is installed
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("flux-dev: 0.55B parameters (random, float32), 64x64, 8 text tokens, 3 steps, cpu")
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [r[0] for r in rows[1:]] == ["uncached", "FORA N=2", "TaylorSeer O=2 N=2", "HiCache O=2 N=2"]
+    for row in rows[2:]:  # full at 0 and 2 of 3 steps: ideal 1.5x; latency measured; cache memory counted
+        assert row[1] == "2" and row[4] == "1.50x" and float(row[2]) > 0 and float(row[7]) >= 0
+    assert all(row[6] == "n/a" for row in rows[1:])  # peak memory: CUDA only

@@ -129,8 +129,8 @@ def test_analytic_sigma_follows_the_ema_of_the_first_difference_norm():
     assert small.current_sigma == 1.0  # capped at sigma_max
 
 
-def test_factors_are_float32_and_forecasts_return_in_the_model_dtype():
-    h = DifferenceHistory("hicache", 2, warmup=1)
+def test_float32_factors_and_forecasts_return_in_the_model_dtype():
+    h = DifferenceHistory("hicache", 2, warmup=1, factor_dtype=torch.float32)
     for s in (0, 1, 2):
         h.update(torch.full((4,), float(s), dtype=torch.bfloat16), s)
     assert all(f.dtype == torch.float32 for f in h.factors)

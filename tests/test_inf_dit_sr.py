@@ -221,3 +221,17 @@ def test_training_experiment_runs_through_run_py(tmp_path):
                             *toy, *loop])
     assert meta["steps_done"] == 2
     assert (out / "testbed.json").is_file() and load_testbed(out) is not None
+
+
+def test_sr_experiment_stops_in_one_line_when_it_cannot_fit(toy_testbed, tmp_path, capsys):
+    from hicache.app.testing import run_overrides
+
+    out, _ = toy_testbed
+    with pytest.raises(SystemExit) as exit_info:
+        run_overrides(["experiment=infdit_table", f"model.path={out}", "sr.steps=2", "data.n=1",
+                       "model.memory_limit_gib=0.00001", f"paths.outputs={tmp_path}"])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: Inf-DiT at 64x64 px does not fit cpu: weights ")
+    assert "grows with the image's area" in err[0]
+    assert not (tmp_path / "infdit_table").exists()

@@ -69,6 +69,13 @@ def hicache_config(cache: DictConfig, steps: int, model: DictConfig | None = Non
         raise SetupError(f"cache ({cache.get('method')}): {err}") from None
 
 
+def cache_config(cache: DictConfig, steps: int, model: DictConfig | None = None) -> hicache.CacheConfig:
+    """`hicache_config`, or method none for the caches of the other families (for the memory check)."""
+    if cache.get("family", "hicache") != "hicache":
+        return hicache.CacheConfig("none", num_inference_steps=steps)
+    return hicache_config(cache, steps, model)
+
+
 def _attach_hicache(pipe, cache: DictConfig, model: DictConfig, steps: int) -> AttachedCache:
     config = hicache_config(cache, steps, model)
     transformer = pipe.transformer

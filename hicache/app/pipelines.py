@@ -61,18 +61,21 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 _LOADED: dict[str, object] = {}  # the last pipeline, so the jobs of a multirun load the weights once
 
 
-def load_pipeline(model: DictConfig, device: torch.device):
+def load_pipeline(model: DictConfig, device: torch.device, before_move: Callable[[object], None] | None = None):
     """The pipeline of ``model`` on ``device``, with its own progress bar off (the app shows one per run).
 
     The jobs of a Hydra multirun share one process: the last pipeline is kept and handed to the next
     job with the same model config (every run detaches its cache, so it is the uncached model again).
-    ``model.reuse=false`` loads afresh every time.
+    ``model.reuse=false`` loads afresh every time. ``before_move(pipe)`` runs once the weights are read, before
+    they move to ``device`` (the memory check: it raises to stop there), and on a kept pipeline too.
     """
     key = f"{device}|{OmegaConf.to_yaml(model, resolve=True)}"
     if model.get("reuse", True) and key in _LOADED:
+        if before_move is not None:
+            before_move(_LOADED[key])
         return _LOADED[key]
     _LOADED.clear()
-    pipe = _load(model, device)
+    pipe = _load(model, device, before_move)
     if model.get("reuse", True):
         _LOADED[key] = pipe
     return pipe
@@ -83,12 +86,21 @@ def forget_pipelines() -> None:
     _LOADED.clear()
 
 
-def _load(model: DictConfig, device: torch.device):
+CPU_OFFLOAD = {True: "enable_model_cpu_offload", "model": "enable_model_cpu_offload",
+               "sequential": "enable_sequential_cpu_offload"}
+
+
+def _load(model: DictConfig, device: torch.device, before_move: Callable[[object], None] | None = None):
     if model.kind not in LOADERS:
         raise SetupError(f"model.kind={model.kind!r} has no loader; known kinds: {', '.join(sorted(LOADERS))}")
+    offload = model.get("cpu_offload", False)
+    if offload and offload not in CPU_OFFLOAD:
+        raise SetupError(f"model.cpu_offload={offload!r}: use false, true (= model) or sequential")
     pipe = LOADERS[model.kind](model)
-    if model.get("cpu_offload", False):
-        pipe.enable_model_cpu_offload(device=device)
+    if before_move is not None:
+        before_move(pipe)
+    if offload:
+        getattr(pipe, CPU_OFFLOAD[offload])(device=device)
     else:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

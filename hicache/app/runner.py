@@ -27,6 +27,7 @@ from . import distributed
 from .caching import attach, is_uncached
 from .checks import check_output_size, check_size
 from .loggers import NullLogger, build_logger
+from .memory_check import check_fits
 from .metrics import Metric, build_metrics
 from .outputs import OutputKind, output_kind
 from .pipelines import load_pipeline, model_cpu_threads, resolve_device
@@ -201,7 +202,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
 
     video.check_metrics(cfg.model, cfg.metrics)
     output = output_kind(cfg.model.get("output", "image"))
-    pipe = load_pipeline(cfg.model, device)
+    pipe = load_pipeline(cfg.model, device, before_move=lambda pipe: check_fits(pipe, cfg, device))
     check_size(pipe, cfg)
     prompts = load_prompts(cfg.data, int(cfg.sampling.seed_offset))
     metrics, unavailable = build_metrics(cfg.metrics, device)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,7 +144,7 @@ def load_lpips():
 
 
 def run_variant(pipe, variant: Variant, lr_images: list[torch.Tensor], seed: int, recipe: str = "inf_dit"):
-    from hicache.app.speed import count_transformer_flops
+    from hicache.app.speed import count_transformer_flops, stopwatch
 
     if variant.cache is not None:
         hicache.apply_cache(pipe.transformer, hicache.CacheConfig(**variant.cache), recipe)
@@ -163,9 +162,9 @@ def run_variant(pipe, variant: Variant, lr_images: list[torch.Tensor], seed: int
                     full, cached = summary.full_forwards, summary.cached_forwards
                 else:
                     full, cached = 2 * variant.steps - 1, 0
-            start = time.perf_counter()
-            out = pipe(lr[None], num_inference_steps=variant.steps, generator=generator, output_type="pt").images[0]
-            seconds += time.perf_counter() - start
+            with stopwatch(pipe._execution_device) as clock:  # synchronised with the device, as app/speed.py times
+                out = pipe(lr[None], num_inference_steps=variant.steps, generator=generator, output_type="pt").images[0]
+            seconds += clock["seconds"]
             outputs.append(out)
     finally:
         if variant.cache is not None:

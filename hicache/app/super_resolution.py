@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import SetupError
 from .loggers import build_logger
+from .memory_check import check_sr_fits
 from .outputs import output_kind
 from .pipelines import model_cpu_threads, resolve_device
 
@@ -37,13 +38,16 @@ def run_sr(cfg: DictConfig) -> list[dict]:
     out_dir = Path(cfg.paths.outputs) / cfg.name / model.name
     try:
         with model_cpu_threads(model):
-            pipe = load_sr_pipeline(kind, str(model.path), str(model.dtype), str(resolve_device(model.device)))
+            device = resolve_device(model.device)
+            pipe = load_sr_pipeline(kind, str(model.path), str(model.dtype), "cpu")  # moved once it is known to fit
             heldout = testbed_data_source(str(model.path)) if kind == "testbed" else "photos"
             data = cfg.data
             images = load_hr_images(data.source, data.n, data.folder, int(data.size),
                                     pipe.transformer.config.image_block_size, heldout)
             logger.info("HR images: %d from %s", len(images), heldout if data.source == "heldout" else data.source)
             variants = resolve_variants(OmegaConf.to_container(cfg.sr.variants), int(cfg.sr.steps))
+            check_sr_fits(pipe, model, device, [tuple(i.shape[-2:]) for i in images], [v.cache for v in variants])
+            pipe = pipe.to(device)
             rows = run_table(pipe, images, variants, int(cfg.sr.seed), bool(cfg.metrics.lpips), out_dir,
                              int(cfg.sr.save_images))
     except SRSetupError as err:

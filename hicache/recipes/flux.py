@@ -18,6 +18,9 @@ double-stream block's output, ``(encoder_hidden_states, hidden_states)``: image 
 element 0. Single-stream blocks and the attentions are forecast as for TaylorSeer / HiCache.
 """
 
+import torch
+
+from ..memory import register_input_builder
 from . import ClusterSource, FreshTokens, double_single_stream, register_recipe
 
 DOUBLE_STREAM_FRESH_TOKENS = (
@@ -55,3 +58,21 @@ FLUX_LESA = register_lesa_recipe(LesaRecipe(
           r"single_transformer_blocks\.\d+"),
     timestep_scale=1.0,
 ))
+
+@register_input_builder("flux")
+def flux_inputs(config, *, height: int, width: int, batch: int = 1, text_tokens: int = 512, dtype=torch.bfloat16,
+                device=None, vae_scale_factor: int = 8, **_):
+    """`FluxTransformer2DModel` inputs as `FluxPipeline` feeds them: latents packed 2x2 into tokens of a
+    ``vae_scale_factor``-times smaller latent image, ``text_tokens`` T5 tokens (max_sequence_length)."""
+    tokens = (height // (2 * vae_scale_factor)) * (width // (2 * vae_scale_factor))
+    empty = dict(device=device, dtype=dtype)
+    return dict(
+        hidden_states=torch.empty(batch, tokens, config.in_channels, **empty),
+        encoder_hidden_states=torch.empty(batch, text_tokens, config.joint_attention_dim, **empty),
+        pooled_projections=torch.empty(batch, config.pooled_projection_dim, **empty),
+        timestep=torch.ones(batch, **empty),
+        img_ids=torch.zeros(tokens, 3, **empty),
+        txt_ids=torch.zeros(text_tokens, 3, **empty),
+        guidance=torch.ones(batch, **empty) if config.guidance_embeds else None,
+        return_dict=False,
+    )

@@ -17,6 +17,9 @@ The patterns are anchored on the top-level block lists, so the refiner's own ``a
 (``context_embedder.token_refiner.refiner_blocks.*``) never match.
 """
 
+import torch
+
+from ..memory import register_input_builder
 from . import double_single_stream, register_recipe
 
 HUNYUAN_VIDEO = register_recipe(double_single_stream("hunyuan_video"))
@@ -36,3 +39,21 @@ HUNYUAN_VIDEO_LESA = register_lesa_recipe(LesaRecipe(
           r"single_transformer_blocks\.\d+", r"norm_out"),
     timestep_scale=1e-3,
 ))
+
+@register_input_builder("hunyuan_video")
+def hunyuan_video_inputs(config, *, height: int, width: int, frames: int = 65, batch: int = 1, text_tokens: int = 256,
+                         dtype=torch.bfloat16, device=None, vae_scale_factor: int = 8, vae_temporal_factor: int = 4, **_):
+    """`HunyuanVideoTransformer3DModel` inputs as `HunyuanVideoPipeline` feeds them (VAE: 8x spatial, 4x temporal
+    compression; ``text_tokens`` Llama tokens, max_sequence_length)."""
+    latent_frames = (frames - 1) // vae_temporal_factor + 1
+    empty = dict(device=device, dtype=dtype)
+    return dict(
+        hidden_states=torch.empty(batch, config.in_channels, latent_frames, height // vae_scale_factor,
+                                  width // vae_scale_factor, **empty),
+        encoder_hidden_states=torch.empty(batch, text_tokens, config.text_embed_dim, **empty),
+        encoder_attention_mask=torch.ones(batch, text_tokens, **empty),
+        pooled_projections=torch.empty(batch, config.pooled_projection_dim, **empty),
+        timestep=torch.ones(batch, **empty),
+        guidance=torch.ones(batch, **empty) * 6000.0,
+        return_dict=False,
+    )

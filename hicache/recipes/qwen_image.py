@@ -37,6 +37,9 @@ step), those modules need their true inputs at cached steps: a recipe for them m
 ``txt_mlp``) the text stream (``txt_norm``, ``txt_in``, ``txt_mod``, ``txt_norm1``).
 """
 
+import torch
+
+from ..memory import register_input_builder
 from . import Recipe, register_recipe
 
 BLOCK = r"transformer_blocks\.\d+\."
@@ -66,3 +69,20 @@ QWEN_IMAGE_LESA = register_lesa_recipe(LesaRecipe(
     timestep_scale=1.0,
     stage_thresholds=(0.9, 0.4),
 ))
+
+
+@register_input_builder("qwen_image")
+def qwen_image_inputs(config, *, height: int, width: int, batch: int = 1, text_tokens: int = 128, dtype=torch.bfloat16,
+                      device=None, vae_scale_factor: int = 8, **_):
+    """`QwenImageTransformer2DModel` inputs as `QwenImagePipeline` feeds them: latents packed 2x2 into tokens of a
+    ``vae_scale_factor``-times smaller latent image, ``text_tokens`` Qwen2.5-VL tokens (the prompt's length)."""
+    rows, cols = height // vae_scale_factor // 2, width // vae_scale_factor // 2
+    empty = dict(device=device, dtype=dtype)
+    return dict(
+        hidden_states=torch.empty(batch, rows * cols, config.in_channels, **empty),
+        encoder_hidden_states=torch.empty(batch, text_tokens, config.joint_attention_dim, **empty),
+        encoder_hidden_states_mask=torch.ones(batch, text_tokens, dtype=torch.long, device=device),
+        timestep=torch.ones(batch, **empty),
+        img_shapes=[[(1, rows, cols)]] * batch,
+        return_dict=False,
+    )

@@ -153,13 +153,15 @@ class InfDiTPipeline(DiffusionPipeline):
             lr = bicubic_resize(lr, (h * upscale // cfg.sr_scale, w * upscale // cfg.sr_scale))
         return lr, upsampled
 
-    def denoise(self, x, sigma, upsampled, lr, image_embeds, step_index, num_forwards):
-        """EDM's D(x; sigma) = c_skip x + c_out F(c_in [x, upsampled LR]; c_noise), in one cache context."""
+    def denoise(self, x, sigma, upsampled, lr, image_embeds, step_index, num_forwards, sigma_value: float):
+        """EDM's D(x; sigma) = c_skip x + c_out F(c_in [x, upsampled LR]; c_noise), in one cache context
+        (``sigma_value``: sigma as a number, from the host's copy of the schedule: reading it off the device would
+        wait for the device at every forward)."""
         c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma)
         dtype = self.transformer.dtype
         model_input = (torch.cat([x, upsampled], dim=1) * _bcast(c_in)).to(dtype)
         with self.transformer.cache_context("cond", step_index=step_index, num_inference_steps=num_forwards,
-                                            sigma=float(sigma[0])):
+                                            sigma=sigma_value):
             out = self.transformer(model_input, c_noise.to(dtype), lr.to(dtype), image_embeds.to(dtype)).sample
         return out.float() * _bcast(c_out) + x * _bcast(c_skip)
 
@@ -192,6 +194,8 @@ class InfDiTPipeline(DiffusionPipeline):
                              f"got {tuple(image_embeds.shape)}")
 
         sigmas = edm_sigmas(num_inference_steps, device=device)
+        # the same levels as numbers, for the loop's branch and the cache context: never read off the device
+        sigma_values = [rho_spaced(i / max(num_inference_steps - 1, 1)) for i in range(num_inference_steps)] + [0.0]
         if latents is None:
             noise = torch.randn(upsampled.shape, generator=generator, device=generator.device if generator else "cpu")
             latents = upsampled + noise.to(device) * sigmas[0]
@@ -204,15 +208,16 @@ class InfDiTPipeline(DiffusionPipeline):
         with self.progress_bar(total=num_inference_steps) as progress:
             for i in range(num_inference_steps):
                 sigma, next_sigma = sigmas[i].expand(batch), sigmas[i + 1].expand(batch)
-                denoised = self.denoise(x, sigma, upsampled, lr, image_embeds, forward, num_forwards)
+                denoised = self.denoise(x, sigma, upsampled, lr, image_embeds, forward, num_forwards, sigma_values[i])
                 forward += 1
                 d = (x - denoised) / _bcast(sigma)
                 dt = _bcast(next_sigma - sigma)
                 euler = x + dt * d
-                if float(next_sigma.sum()) < 1e-14:
+                if sigma_values[i + 1] < 1e-14:
                     x = euler
                 else:
-                    denoised = self.denoise(euler, next_sigma, upsampled, lr, image_embeds, forward, num_forwards)
+                    denoised = self.denoise(euler, next_sigma, upsampled, lr, image_embeds, forward, num_forwards,
+                                            sigma_values[i + 1])
                     forward += 1
                     d_new = (euler - denoised) / _bcast(next_sigma)
                     x = x + (d + d_new) / 2 * dt

@@ -169,8 +169,9 @@ def remove_cache(model) -> None:
     if handle is None:
         raise ValueError("hicache is not applied to this model")
     if handle.step_hook is not None:
-        handle.step_handle.remove()
-        handle.release_handle.remove()
+        for torch_handle in (handle.step_handle, handle.release_handle):  # LESA's step hook is a diffusers hook
+            if torch_handle is not None:
+                torch_handle.remove()
         for module in model.modules():
             for name in HOOK_NAMES + token_wise.HOOK_NAMES:
                 unregister(module, name)

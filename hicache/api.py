@@ -13,7 +13,7 @@ from diffusers.hooks.hooks import CacheContext
 
 from .config import TOKEN_METHODS, CacheConfig
 from .hooks import (FORECAST_HOOK, HOOK_NAMES, LIVE_CHUNKS_HOOK, SKIP_HOOK, STAND_IN_SHAPE_OF_ROLE, STEP_HOOK, ForecastHook,
-                    LiveChunksHook, SkipHook, StepHook, ZeroPool, pipeline_step_count, register, unregister)
+                    LiveChunksHook, SkipHook, StepHook, ZeroPool, attach_step_hook, pipeline_step_count, register, unregister)
 from .memory import MemoryEstimate, estimate_memory
 from .recipes import Recipe, get_recipe
 from . import fresh_tokens as token_wise
@@ -137,9 +137,7 @@ def apply_cache(model, config: CacheConfig, recipe: str | Recipe = "flux") -> Ca
         if config.method in TOKEN_METHODS:  # checked against the model before any hook is attached
             handle.fresh_tokens = token_wise.FreshTokenHooks(config, recipe, modules, forecast)
         handle.step_hook = StepHook(config.schedule, pipeline_step_count(pipe) if pipe is not None else None)
-        handle.step_hook.initialize_hook(model)
-        handle.step_handle = model.register_forward_pre_hook(handle.step_hook, with_kwargs=True, prepend=True)
-        handle.release_handle = model.register_forward_hook(handle.step_hook.after_forward, with_kwargs=True)
+        handle.step_handle, handle.release_handle = attach_step_hook(model, handle.step_hook)
         handle.step_hook.on_last_step = lambda name: _release_context(handle, name)
         steps = handle.step_hook.state_manager
         for name in forecast:
@@ -169,9 +167,8 @@ def remove_cache(model) -> None:
     if handle is None:
         raise ValueError("hicache is not applied to this model")
     if handle.step_hook is not None:
-        for torch_handle in (handle.step_handle, handle.release_handle):  # LESA's step hook is a diffusers hook
-            if torch_handle is not None:
-                torch_handle.remove()
+        handle.step_handle.remove()
+        handle.release_handle.remove()
         for module in model.modules():
             for name in HOOK_NAMES + token_wise.HOOK_NAMES:
                 unregister(module, name)

@@ -225,6 +225,16 @@ def pipeline_step_count(pipe) -> Callable[[], int | None]:
     return count
 
 
+def attach_step_hook(model: torch.nn.Module, step_hook: StepHook):
+    """Put the root's step counter on ``model`` as torch forward (pre-)hooks; their two removable handles.
+
+    Torch hooks rather than a `HookRegistry` entry: accelerate's offload re-wraps ``forward`` at the end of every
+    call, which drops a registry hook on the root but keeps these. Every method (LESA too) attaches it this way."""
+    step_hook.initialize_hook(model)
+    return (model.register_forward_pre_hook(step_hook, with_kwargs=True, prepend=True),
+            model.register_forward_hook(step_hook.after_forward, with_kwargs=True))
+
+
 def current_step(steps: StateManager, module_name: str) -> StepState:
     """The step the root module's `StepHook` is in, for a hook on one of its submodules."""
     step: StepState = steps.get_state()

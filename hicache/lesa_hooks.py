@@ -24,7 +24,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .hooks import FORECAST_HOOK, SKIP_HOOK, STEP_HOOK, SkipHook, StepHook, StepState, current_step, register
+from .hooks import FORECAST_HOOK, SKIP_HOOK, SkipHook, StepHook, StepState, attach_step_hook, current_step, register
 from .lesa import LesaPredictor
 from .recipes.lesa import LesaRecipe, get_lesa_recipe
 
@@ -149,7 +149,7 @@ def attach_lesa(model: torch.nn.Module, config, recipe, handle, num_steps_of_cal
     if parameter is not None:
         predictor.to(parameter.device)
     handle.step_hook = StepHook(config.schedule, num_steps_of_call)
-    register(model, handle.step_hook, STEP_HOOK)
+    handle.step_handle, handle.release_handle = attach_step_hook(model, handle.step_hook)
     steps = handle.step_hook.state_manager
     hook = LesaHook(lesa.target, steps, predictor, lesa)
     handle.forecast_hooks[lesa.target] = hook

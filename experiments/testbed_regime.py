@@ -157,7 +157,8 @@ def checker_accuracy(images, captions) -> float | None:
         return None
 
 
-def measure(pipe, captions, args, call_kwargs) -> dict:
+def measure(pipe, captions, args, call_kwargs, stated_captions=None) -> dict:
+    """`stated_captions`: fully stated held-out captions for (c) when `captions` leave attributes unsaid."""
     steps, seed, batch = args.steps, args.seed, args.batch
     intervals = [int(n) for n in args.intervals]
     sigmas = [float(s) for s in args.sigmas]
@@ -217,6 +218,12 @@ def measure(pipe, captions, args, call_kwargs) -> dict:
         conditions["b_taylorseer_N7_dB"] = ts7
         conditions["b_holds"] = bool(TS_RANGE_DB[0] <= ts7 <= TS_RANGE_DB[1])
     conditions["c_checker_accuracy_reference"] = checker_accuracy(reference, captions)
+    if stated_captions is not None and list(stated_captions) != list(captions):
+        # (c) compares testbeds: score every testbed on the same fully stated captions
+        stated = sample(pipe, stated_captions, steps, seed, batch, call_kwargs)
+        conditions["c_checker_accuracy_stated"] = checker_accuracy(stated, stated_captions)
+    else:
+        conditions["c_checker_accuracy_stated"] = conditions["c_checker_accuracy_reference"]
 
     return {
         "steps": steps,
@@ -282,6 +289,9 @@ def markdown(result: dict, title: str) -> str:
                      f"{TS_RANGE_DB[1]:g}): {'holds' if c['b_holds'] else 'fails'}")
     acc = c["c_checker_accuracy_reference"]
     lines.append(f"- (c) checker accuracy of the reference images: {'-' if acc is None else f'{100 * acc:.1f} %'}")
+    stated = c.get("c_checker_accuracy_stated")
+    if stated is not None and stated != acc:
+        lines.append(f"- (c) on as many fully stated held-out captions (comparable across testbeds): {100 * stated:.1f} %")
     return "\n".join(lines) + "\n"
 
 
@@ -337,7 +347,8 @@ def main(argv=None) -> Path:
         parser.error("--steps must be >= 2, --intervals >= 1 and --prompts >= 1")
     torch.set_num_threads(args.threads)
 
-    from hicache.testbeds.flux_shapes import PIPELINE_CALL_KWARGS, heldout_captions, load_pipeline
+    from hicache.testbeds.flux_shapes import PIPELINE_CALL_KWARGS, TESTBED_DIR, heldout_captions, load_pipeline
+    from hicache.testbeds.flux_shapes.dataset import DEFAULT_VARIATION, variation_of
 
     pipe = load_pipeline(args.testbed) if args.testbed else load_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -346,9 +357,11 @@ def main(argv=None) -> Path:
         call_kwargs["true_cfg_scale"] = args.true_cfg
     if args.resolution is not None:
         call_kwargs.update(height=args.resolution, width=args.resolution)
-    captions = heldout_captions(args.prompts, seed=args.seed)
+    variation = variation_of(args.testbed or TESTBED_DIR)  # the caption distribution it was trained on
+    captions = heldout_captions(args.prompts, seed=args.seed, variation=variation)
+    stated = heldout_captions(args.prompts, seed=args.seed, variation=DEFAULT_VARIATION)
 
-    result = measure(pipe, captions, args, call_kwargs)
+    result = measure(pipe, captions, args, call_kwargs, stated_captions=stated)
     result["testbed"] = str(args.testbed or "shipped")
     result["args"] = {k: v for k, v in vars(args).items()}
     name = args.name or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")

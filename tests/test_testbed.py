@@ -104,3 +104,51 @@ def test_variation_widens_scenes_without_changing_captions():
     assert np.mean([r["shape"] and r["position"] and r["size"] for r in results]) >= 0.95
     # held-out captions do not depend on the variation
     assert [s.caption for s in heldout_scenes(10, seed=1)] == heldout_captions(10, seed=1)
+
+
+UNSAID = dict(unsaid_size=0.5, unsaid_position=0.5, unsaid_style=0.5)
+
+
+def test_unsaid_attributes_leave_the_default_stream_alone_and_parse_back():
+    from hicache.testbeds.flux_shapes.dataset import Variation
+
+    assert [training_scene(2, i).caption for i in range(50)] == [training_scene(2, i, Variation()).caption for i in range(50)]
+    scenes = [training_scene(2, i, Variation(**UNSAID)) for i in range(300)]
+    captions = [s.caption for s in scenes]
+    assert any(not s.says_style for s in scenes) and any(not sh.says_position for s in scenes for sh in s.shapes)
+    assert any(" in the center" not in c and " at " not in c and " on the " not in c for c in captions)
+    for s in scenes:
+        parsed = parse_caption(s.caption)
+        assert parsed.caption == s.caption
+        assert [(p.says_size, p.says_position) for p in parsed.shapes] == [(q.says_size, q.says_position) for q in s.shapes]
+
+
+def test_checker_scores_only_what_a_caption_says():
+    from hicache.testbeds.flux_shapes.dataset import Variation
+
+    scenes = [training_scene(3, i, Variation(**UNSAID)) for i in range(150)]
+    results = [check(render(s), s.caption) for s in scenes]
+    assert accuracy(results) >= 0.99
+    for s, r in zip(scenes, results):
+        assert ("size" in r) == s.shapes[0].says_size and ("position" in r) == s.shapes[0].says_position
+        assert ("background_style" in r) == s.says_style
+    # a stated position is still falsifiable when the size is unsaid
+    scene = next(s for s in scenes if len(s.shapes) == 1 and s.shapes[0].says_position and not s.shapes[0].says_size)
+    row, col = scene.shapes[0].cell
+    from hicache.testbeds.flux_shapes.dataset import POSITIONS
+
+    moved = POSITIONS[((row + 1) % 3, col)] if (row + 1) % 3 != row else POSITIONS[(row, (col + 1) % 3)]
+    assert check(render(scene), scene.caption.replace(POSITIONS[scene.shapes[0].cell], moved))["position"] is False
+
+
+def test_heldout_captions_follow_the_testbed_folder(tmp_path):
+    import json
+
+    from hicache.testbeds.flux_shapes.dataset import Variation, variation_of
+
+    assert variation_of(tmp_path) == Variation()
+    (tmp_path / "testbed.json").write_text(json.dumps({"data": UNSAID}))
+    v = variation_of(tmp_path)
+    assert v == Variation(**UNSAID)
+    held = heldout_captions(32, seed=0, variation=v)
+    assert held != heldout_captions(32, seed=0, variation=Variation()) and all(is_heldout(c) for c in held)

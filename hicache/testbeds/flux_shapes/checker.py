@@ -83,19 +83,20 @@ def check_object(image: np.ndarray, spec, background_colour: str) -> dict[str, b
     scale = h / RESOLUTION
     region = _find_object(colour_mask(image, spec.colour, background_colour), scale)
     if region is None:
-        return dict.fromkeys(ATTRIBUTES, False)
+        return {k: False for k in ATTRIBUTES if _says(spec, k)}
     r0, c0, r1, c1 = region.bbox
     cy, cx = (r0 + r1) / 2, (c0 + c1) / 2
     cell = (min(2, int(3 * cy / h)), min(2, int(3 * cx / w)))
     extent = max(r1 - r0, c1 - c0) / scale
     # boxes span ~2*half-extent (stars ~1.1x more); the threshold is the midpoint of small and large
     size = "large" if extent > SIZES["small"] + SIZES["large"] + 0.5 else "small"
-    return {
-        "shape": classify_shape(region) == spec.shape,
-        "colour": True,
-        "position": cell == spec.cell,
-        "size": size == spec.size,
-    }
+    result = {"shape": classify_shape(region) == spec.shape, "colour": True, "position": cell == spec.cell, "size": size == spec.size}
+    return {k: v for k, v in result.items() if _says(spec, k)}
+
+
+def _says(spec, attribute: str) -> bool:
+    """Only what the caption states is scored (captions may leave size and position unsaid)."""
+    return {"size": spec.says_size, "position": spec.says_position}.get(attribute, True)
 
 
 def background_of(image: np.ndarray, exclude: np.ndarray | None = None) -> tuple[str, str]:
@@ -123,7 +124,8 @@ def check(image, caption: str) -> dict[str, bool]:
     """Attribute -> satisfied, for a caption in the testbed grammar.
 
     Keys: ``shape``, ``colour``, ``position``, ``size`` for the first object (``shape2`` ... for a
-    second one), ``background_colour`` and ``background_style``.
+    second one), ``background_colour`` and ``background_style``; an attribute the caption leaves unsaid
+    (size, position, background style) has no key.
     """
     array = _as_array(image)
     scene = parse_caption(caption)
@@ -136,7 +138,8 @@ def check(image, caption: str) -> dict[str, bool]:
         objects |= colour_mask(array, spec.colour, scene.background_colour)
     colour, style = background_of(array, exclude=objects)
     result["background_colour"] = colour == scene.background_colour
-    result["background_style"] = style == scene.background_style
+    if scene.says_style:
+        result["background_style"] = style == scene.background_style
     return result
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -81,11 +81,23 @@ class Variation:
         size_spread: a shape's half-extent is its size's times U(1 - s, 1 + s).
         texture: amplitude of a grey natural-image texture (a random crop of one of scikit-image's
             bundled images) that modulates the background's brightness; 0 is none.
+        unsaid_size, unsaid_position, unsaid_style: probability that a caption leaves a shape's size,
+            a shape's grid position or the background's style unsaid (the scene still has one, drawn
+            uniformly). Real captions leave most of an image unsaid, so the model must pick a mode
+            from the noise, which is what bends a real model's sampling path; the checker scores only
+            what a caption says.
     """
 
     jitter: float = JITTER
     size_spread: float = 0.0
     texture: float = 0.0
+    unsaid_size: float = 0.0
+    unsaid_position: float = 0.0
+    unsaid_style: float = 0.0
+
+    @property
+    def leaves_unsaid(self) -> bool:
+        return bool(self.unsaid_size or self.unsaid_position or self.unsaid_style)
 
 
 DEFAULT_VARIATION = Variation()
@@ -99,6 +111,8 @@ class ShapeSpec:
     cell: tuple[int, int]  # (row, col) in the 3x3 grid
     offset: tuple[float, float] = (0.0, 0.0)  # (dy, dx) jitter in pixels; not in the caption
     scale: float = 1.0  # half-extent factor on SIZES[size]; not in the caption
+    says_size: bool = True  # whether the caption states the size ...
+    says_position: bool = True  # ... and the grid position (parsed captions: `cell` is meaningless if not)
 
     @property
     def half_size(self) -> float:
@@ -106,7 +120,8 @@ class ShapeSpec:
 
     @property
     def phrase(self) -> str:
-        return f"a {self.size} {self.colour} {self.shape} {POSITIONS[self.cell]}"
+        words = ["a", self.size if self.says_size else "", self.colour, self.shape, POSITIONS[self.cell] if self.says_position else ""]
+        return " ".join(w for w in words if w)
 
 
 @dataclass(frozen=True)
@@ -126,11 +141,13 @@ class Scene:
     background_colour: str
     background_style: str
     texture: Texture | None = None  # not in the caption
+    says_style: bool = True  # whether the caption states the background style
 
     @property
     def caption(self) -> str:
         objects = " and ".join(s.phrase for s in self.shapes)
-        return f"{objects} on a {self.background_colour} {self.background_style} background"
+        style = f" {self.background_style}" if self.says_style else ""
+        return f"{objects} on a {self.background_colour}{style} background"
 
 
 def cell_centre(cell: tuple[int, int], resolution: int = RESOLUTION) -> tuple[float, float]:
@@ -186,7 +203,15 @@ def random_scene(rng: np.random.Generator, num_shapes: int | None = None, variat
             side = float(rng.uniform(0.15, 0.6))
             top, left = (float(v) for v in rng.uniform(0, 1 - side, size=2))
             texture = Texture(TEXTURE_IMAGES[rng.integers(len(TEXTURE_IMAGES))], top, left, side, variation.texture)
-        return Scene(shapes, colours[picked[-1]], background, texture)
+        says_style = True
+        if variation.leaves_unsaid:  # extra draws only then: the default stream stays as it was
+            shapes = tuple(
+                replace(s, says_size=bool(rng.random() >= variation.unsaid_size),
+                        says_position=bool(rng.random() >= variation.unsaid_position))
+                for s in shapes
+            )
+            says_style = bool(rng.random() >= variation.unsaid_style)
+        return Scene(shapes, colours[picked[-1]], background, texture, says_style)
 
 
 def training_scene(seed: int, index: int, variation: Variation = DEFAULT_VARIATION) -> Scene:
@@ -210,9 +235,29 @@ def heldout_scenes(n: int, seed: int = 0, variation: Variation = DEFAULT_VARIATI
     return scenes
 
 
-def heldout_captions(n: int = 64, seed: int = 0) -> list[str]:
-    """The held-out prompts; the same for every `Variation` (captions never say what it varies)."""
-    return [s.caption for s in heldout_scenes(n, seed)]
+def heldout_captions(n: int = 64, seed: int = 0, variation: Variation | None = None) -> list[str]:
+    """The held-out prompts of a testbed trained on `variation` (default: the shipped testbed's, from its
+    `testbed.json`). Only the `unsaid_*` knobs change captions; the others vary what captions do not say."""
+    if variation is None:
+        variation = shipped_variation()
+    return [s.caption for s in heldout_scenes(n, seed, variation)]
+
+
+def variation_of(folder) -> Variation:
+    """The data `Variation` a testbed pipeline folder was trained on (its `testbed.json`; none: the default)."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "testbed.json"
+    if not path.is_file():
+        return DEFAULT_VARIATION
+    return Variation(**json.loads(path.read_text()).get("data", {}))
+
+
+def shipped_variation() -> Variation:
+    from .. import WEIGHTS_DIR
+
+    return variation_of(WEIGHTS_DIR / "flux_shapes")
 
 
 def _star_points(cy: float, cx: float, r: float, inner: float = 0.45) -> list[tuple[float, float]]:
@@ -313,17 +358,18 @@ def shape_mask(scene: Scene, resolution: int = RESOLUTION) -> np.ndarray:
 
 _POSITION_ALT = "|".join(re.escape(p) for p in POSITIONS.values())
 _OBJECT_RE = re.compile(
-    rf"a (?P<size>{'|'.join(SIZES)}) (?P<colour>{'|'.join(COLOURS)}) (?P<shape>{'|'.join(SHAPES)}) "
-    rf"(?P<position>{_POSITION_ALT})"
+    rf"a (?:(?P<size>{'|'.join(SIZES)}) )?(?P<colour>{'|'.join(COLOURS)}) (?P<shape>{'|'.join(SHAPES)})"
+    rf"(?: (?P<position>{_POSITION_ALT}))?"
 )
 _CAPTION_RE = re.compile(
-    rf"^(?P<objects>.+) on a (?P<bg_colour>{'|'.join(COLOURS)}) (?P<bg_style>{'|'.join(BACKGROUNDS)}) background$"
+    rf"^(?P<objects>.+) on a (?P<bg_colour>{'|'.join(COLOURS)})(?: (?P<bg_style>{'|'.join(BACKGROUNDS)}))? background$"
 )
 _CELL_OF = {phrase: cell for cell, phrase in POSITIONS.items()}
 
 
 def parse_caption(caption: str) -> Scene:
-    """Inverse of `Scene.caption` (jitter is not in the caption, so offsets are zero)."""
+    """Inverse of `Scene.caption` (jitter is not in the caption, so offsets are zero; unsaid attributes are
+    placeholders marked unsaid)."""
     text = " ".join(caption.lower().strip().rstrip(".").split())
     match = _CAPTION_RE.match(text)
     if not match:
@@ -334,8 +380,13 @@ def parse_caption(caption: str) -> Scene:
         obj = _OBJECT_RE.fullmatch(part)
         if not obj:
             raise ValueError(f"object phrase {part!r} is not in the testbed grammar")
-        shapes.append(ShapeSpec(obj["shape"], obj["colour"], obj["size"], _CELL_OF[obj["position"]]))
-    return Scene(tuple(shapes), match["bg_colour"], match["bg_style"])
+        # unsaid attributes parse to placeholders ("small", the centre cell, "plain") flagged as unsaid
+        shapes.append(ShapeSpec(
+            obj["shape"], obj["colour"], obj["size"] or "small", _CELL_OF.get(obj["position"], (1, 1)),
+            says_size=obj["size"] is not None, says_position=obj["position"] is not None,
+        ))
+    style = match["bg_style"]
+    return Scene(tuple(shapes), match["bg_colour"], style or "plain", says_style=style is not None)
 
 
 class ShapesDataset:

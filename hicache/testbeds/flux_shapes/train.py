@@ -13,10 +13,11 @@ and thread count. The entry point is `python run.py experiment=testbed_train`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ from scipy.ndimage import maximum_filter
 from tqdm.auto import tqdm
 
 from .build import TestbedSizes, build_pipeline
-from .dataset import ShapesDataset, Variation, heldout_captions, render, shape_mask
+from .dataset import DEFAULT_VARIATION, ShapesDataset, Variation, heldout_captions, render, shape_mask
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +307,7 @@ def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:
     log({"vae/heldout_psnr": psnr}, vae_cfg.steps)
     logger.info("VAE done in %.1f min, held-out reconstruction PSNR %.2f dB", results["vae/minutes"], psnr)
 
-    captions = heldout_captions(cfg.samples.num_captions, seed=cfg.seed)
+    captions = heldout_captions(cfg.samples.num_captions, seed=cfg.seed, variation=variation)
 
     def sample_grid(step: int) -> None:
         if cfg.samples.every and step > 0 and step % cfg.samples.every == 0:
@@ -326,17 +327,23 @@ def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:
     results["transformer/steps_done"] = tr_stats["transformer/steps_done"]
     results["transformer/minutes"] = (time.perf_counter() - t1) / 60
 
-    eval_caps = heldout_captions(cfg.samples.eval_captions, seed=cfg.seed)
+    eval_caps = heldout_captions(cfg.samples.eval_captions, seed=cfg.seed, variation=variation)
     images = generate(pipe, eval_caps, cfg.samples.num_inference_steps, seed=cfg.seed)
     save_grid(images[: cfg.samples.num_captions], samples / "final.png")
     (samples / "final_captions.txt").write_text("\n".join(eval_caps[: cfg.samples.num_captions]) + "\n")
     results["eval/checker_accuracy"] = checker_accuracy(images, eval_caps)
+    if variation.leaves_unsaid:  # also on fully stated captions: comparable with a testbed that never left anything unsaid
+        stated = heldout_captions(cfg.samples.eval_captions, seed=cfg.seed, variation=DEFAULT_VARIATION)
+        results["eval/checker_accuracy_stated"] = checker_accuracy(
+            generate(pipe, stated, cfg.samples.num_inference_steps, seed=cfg.seed), stated)
     for scale in cfg.samples.get("cfg_scales") or []:  # true classifier-free guidance (caption dropout)
         guided = generate(pipe, eval_caps, cfg.samples.num_inference_steps, seed=cfg.seed, true_cfg_scale=float(scale))
         results[f"eval/checker_accuracy_cfg{scale:g}"] = checker_accuracy(guided, eval_caps)
         save_grid(guided[: cfg.samples.num_captions], samples / f"final_cfg{scale:g}.png")
     log({k: v for k, v in results.items() if k.startswith("eval/")}, tr_cfg.steps)
     pipe.save_pretrained(out_dir / "pipeline")
+    # the caption distribution travels with the weights: heldout_captions() reads it (dataset.variation_of)
+    (out_dir / "pipeline" / "testbed.json").write_text(json.dumps({"data": asdict(variation)}, indent=1) + "\n")
     results["total/minutes"] = (time.perf_counter() - t0) / 60
     logger.info("results: %s", {k: round(v, 4) for k, v in results.items()})
     return results

@@ -135,6 +135,7 @@ def apply_cache(model, config: CacheConfig, recipe: str | Recipe = "flux") -> Ca
         for name in chunked:  # before any hook is attached: a bad recipe leaves the model untouched
             _check_live_chunks(recipe, name, modules[name])
         if config.method in TOKEN_METHODS:  # checked against the model before any hook is attached
+            recipe.refuse_fresh_tokens(model)
             handle.fresh_tokens = token_wise.FreshTokenHooks(config, recipe, modules, forecast)
         handle.step_hook = StepHook(config.schedule, pipeline_step_count(pipe) if pipe is not None else None)
         handle.step_handle, handle.release_handle = attach_step_hook(model, handle.step_hook)

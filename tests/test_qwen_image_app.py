@@ -87,6 +87,14 @@ def test_qwen_image_hicache_smoke_run(tmp_path, models):
     assert summary["cache_mib"] > 0 and summary["order"] == 3
 
 
+@pytest.mark.parametrize("method", ["clusca", "hi_clusca"])
+def test_qwen_image_token_wise_smoke_run(tmp_path, models, method):
+    [summary] = run_overrides(["experiment=qwen_image_hicache", f"cache={method}", "cache.clusters=2", "cache.interval=3",
+                               "model=tiny_qwen_image", *T2I_TINY, f"model.path={models / 't2i'}", f"paths.outputs={tmp_path}"])
+    assert summary["method"] == method and summary["full_steps"] == [0, 1, 2, 5]
+    assert 30 < summary["psnr"] < float("inf") and 1.0 < summary["flops_speedup"] < 1.5
+
+
 def test_qwen_image_table_smoke_run(tmp_path, models):
     summaries = run_overrides(["experiment=qwen_image_table", "model=tiny_qwen_image", *T2I_TINY,
                                "sampling.steps=10", "data.limit=1", f"model.path={models / 't2i'}",

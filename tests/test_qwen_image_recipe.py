@@ -325,3 +325,97 @@ def test_forecast_outputs_are_pre_gate_and_pre_residual(model):
     moved_e, _ = run({block.txt_mlp: lambda o: o + d_txt})
     torch.testing.assert_close(moved_h - base_h, img_gate2 * d_img, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(moved_e - base_e, txt_gate2 * d_txt, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- ClusCa / Hi-ClusCa (issue 18)
+
+TOKEN_METHODS = ("clusca", "hi_clusca")
+
+
+def _token_config(method, **kwargs):
+    return hicache.CacheConfig(method, **{**dict(interval=INTERVAL, warmup=WARMUP, order=1, sigma=SIGMA, clusters=3), **kwargs})
+
+
+@pytest.mark.parametrize("method", TOKEN_METHODS)
+def test_token_wise_interval_one_is_bit_identical_and_caching_happens(model, method):
+    inputs = _inputs(seed=5)
+    uncached = _hooked_loop(model, inputs, None, cfg=True)
+    assert torch.equal(_hooked_loop(model, inputs, _token_config(method, interval=1, warmup=1), cfg=True), uncached)
+    cached = _hooked_loop(model, inputs, _token_config(method), cfg=True)
+    taylor = _hooked_loop(model, inputs, hicache.CacheConfig("taylorseer", interval=INTERVAL, warmup=WARMUP, order=1), cfg=True)
+    assert not torch.allclose(cached, uncached, rtol=0, atol=1e-6) and not torch.equal(cached, taylor)
+
+
+def test_token_wise_recipe_runs_the_text_stream_and_the_mlp_modulation(model):
+    handle = hicache.apply_cache(model, _token_config("clusca"), "qwen_image")
+    try:
+        blocks = [f"transformer_blocks.{i}." for i in range(2)]
+        assert sorted(handle.skip_hooks) == sorted(["pos_embed"] + [b + m for b in blocks for m in ("img_norm1", "txt_norm1")])
+        assert sorted(handle.live_chunks_hooks) == sorted(b + m for b in blocks for m in ("img_mod.1", "txt_mod.1"))
+        assert all(handle.recipe.chunks(b + m) == (6, (2, 3, 4, 5)) for b in blocks for m in ("img_mod.1", "txt_mod.1"))
+    finally:
+        hicache.remove_cache(model)
+
+
+@pytest.mark.parametrize("method", TOKEN_METHODS)
+def test_token_wise_skipped_outputs_stay_dead(model, method, monkeypatch):
+    """Random stand-ins for every skipped output and left-out modulation chunk change nothing, with true CFG and
+    edit reference tokens."""
+    from hicache import hooks
+
+    inputs = _inputs(seed=6, ref_size=2)
+    with_zeros = _hooked_loop(model, inputs, _token_config(method), cfg=True)
+    g = torch.Generator().manual_seed(1)
+
+    def noisy(self, module_name):
+        out = tuple(None if s is None else torch.randn(s[0], generator=g).to(s[1]) for s in self.specs)
+        return out[0] if self.is_tensor else out
+
+    monkeypatch.setattr(hooks.SkipState, "zeros", noisy)
+    monkeypatch.setattr(hooks.LiveChunksHook, "dead_chunks",
+                        lambda self, shape, dtype, device: torch.randn(shape, generator=g).to(dtype))
+    assert torch.equal(_hooked_loop(model, inputs, _token_config(method), cfg=True), with_zeros)
+
+
+def test_fresh_text_tokens_see_the_true_text_stream(model, monkeypatch):
+    """At a cached step the text stream enters the blocks as txt_in(txt_norm(text)), and a block's txt_mlp receives
+    the modulated LayerNorm (MLP shift and scale of txt_mod) of the K drawn rows of its text residual stream."""
+    from hicache import clusters as C
+
+    block = model.transformer_blocks[1]
+    seen = {}
+    handles = [model.transformer_blocks[0].register_forward_pre_hook(
+                   lambda m, a, kw: seen.update(text_in=kw["encoder_hidden_states"]), with_kwargs=True),
+               block.register_forward_pre_hook(lambda m, a, kw: seen.update(temb=kw["temb"]), with_kwargs=True),
+               block.txt_norm2.register_forward_pre_hook(lambda m, a: seen.update(x=a[0])),
+               block.txt_mlp.register_forward_pre_hook(lambda m, a: seen.update(mlp_in=a[0]))]
+    draws, draw = [], C.draw_fresh
+    monkeypatch.setattr(C, "draw_fresh", lambda *a: draws.append(draw(*a)) or draws[-1])
+    inputs = _inputs(seed=7)
+    hicache.apply_cache(model, _token_config("clusca"), "qwen_image")
+    try:
+        with torch.no_grad():
+            x = inputs["latents"].clone()
+            for i in range(WARMUP + 1):  # full, full, cached
+                with model.cache_context("cond"):
+                    v = _call(model, x, inputs, "cond", torch.tensor([1.0 - i / STEPS]))
+                x = x - v / STEPS
+    finally:
+        for h in handles:
+            h.remove()
+        hicache.remove_cache(model)
+    assert len(draws) == 4  # the cached step: block 0 image, text, block 1 image, text
+    with torch.no_grad():
+        torch.testing.assert_close(seen["text_in"], model.txt_in(model.txt_norm(inputs["cond"][0])))
+        emb = block.txt_mod(seen["temb"]).chunk(6, dim=-1)
+    rows = C.gather_tokens(seen["x"], draws[3])
+    want = torch.nn.functional.layer_norm(rows, rows.shape[-1:], eps=1e-6) * (1 + emb[4][:, None]) + emb[3][:, None]
+    torch.testing.assert_close(seen["mlp_in"], want)
+    assert seen["mlp_in"].shape[1] == 3  # one token per cluster
+
+
+def test_token_wise_methods_refuse_zero_cond_t_in_one_line():
+    model = tiny_qwen_image_transformer(num_layers=1, zero_cond_t=True)
+    with pytest.raises(ValueError, match=r"^recipe 'qwen_image': clusca/hi_clusca cannot run on a model with zero_cond_t=True") as err:
+        hicache.apply_cache(model, _token_config("clusca"), "qwen_image")
+    assert "\n" not in str(err.value) and not hasattr(model, "_hicache_handle")

@@ -29,9 +29,10 @@ skipped outputs are dead at cached steps, whatever stands in for them.
 Token-wise methods (ClusCa, Hi-ClusCa) also need to know which forecast modules are recomputed for a
 few tokens at cached steps, where their tokens come from and where the clusters are taken:
 ``fresh_tokens`` (`FreshTokens`), ``cluster_sources`` (`ClusterSource`), ``fresh_run`` (skipped modules
-they need run) and ``fresh_live_chunks``
-(the modulation chunks those recomputations read). `Recipe.for_fresh_tokens` turns a recipe into the
-one these methods run with (`hicache.fresh_tokens` attaches the hooks).
+they need run), ``fresh_live_chunks`` (the modulation chunks those recomputations read) and
+``fresh_refused`` (``{model config flag: why}``: models on which token selection cannot work, refused
+in one line). `Recipe.for_fresh_tokens` turns a recipe into the one these methods run with
+(`hicache.fresh_tokens` attaches the hooks).
 """
 
 from __future__ import annotations
@@ -89,13 +90,14 @@ class Recipe:
     cluster_sources: tuple[ClusterSource, ...] = ()
     fresh_live_chunks: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
     fresh_run: tuple[str, ...] = ()
+    fresh_refused: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, forecast: Iterable[str], skip: Iterable[str] = (), name: str = "custom",
                  skip_empty: Iterable[str] = (), skip_broadcast: Iterable[str] = (),
                  live_chunks: Mapping[str, tuple[int, Iterable[int]]] | None = None,
                  fresh_tokens: Iterable[FreshTokens] = (), cluster_sources: Iterable[ClusterSource] = (),
                  fresh_live_chunks: Mapping[str, tuple[int, Iterable[int]]] | None = None,
-                 fresh_run: Iterable[str] = ()):
+                 fresh_run: Iterable[str] = (), fresh_refused: Mapping[str, str] | None = None):
         object.__setattr__(self, "forecast", tuple(forecast))
         object.__setattr__(self, "skip", tuple(skip))
         object.__setattr__(self, "name", name)
@@ -108,6 +110,7 @@ class Recipe:
         object.__setattr__(self, "fresh_live_chunks", tuple(
             (pattern, *_chunk_spec(name, pattern, spec)) for pattern, spec in (fresh_live_chunks or {}).items()))
         object.__setattr__(self, "fresh_run", tuple(fresh_run))
+        object.__setattr__(self, "fresh_refused", tuple((fresh_refused or {}).items()))
         token_patterns = [p for f in self.fresh_tokens for p in (f.module, f.select)] + list(self.fresh_run)
         for pattern in (*self.patterns, *token_patterns, *(c.module for c in self.cluster_sources)):
             try:
@@ -140,14 +143,25 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r} declares no fresh tokens, so it cannot run clusca or hi_clusca")
         keep = "|".join(f"(?:{p})" for p in (*(f.select for f in self.fresh_tokens), *self.fresh_run))
 
+        kept = {f.select for f in self.fresh_tokens} | set(self.fresh_run)
+
         def running(patterns):  # each skip pattern, minus the names that must run (a full-match lookahead)
-            return tuple(f"(?!(?:{keep})$)(?:{p})" for p in patterns)
+            return tuple(f"(?!(?:{keep})$)(?:{p})" for p in patterns if p not in kept)
 
         live = self.fresh_live_chunks or self.live_chunks
         return Recipe(forecast=self.forecast, skip=running(self.skip), name=self.name,
                       skip_empty=running(self.skip_empty), skip_broadcast=running(self.skip_broadcast),
                       live_chunks={pattern: (n, chunks) for pattern, n, chunks in live},
-                      fresh_tokens=self.fresh_tokens, cluster_sources=self.cluster_sources, fresh_run=self.fresh_run)
+                      fresh_tokens=self.fresh_tokens, cluster_sources=self.cluster_sources, fresh_run=self.fresh_run,
+                      fresh_refused=dict(self.fresh_refused))
+
+    def refuse_fresh_tokens(self, model) -> None:
+        """One-line error when the model's config has a flag (``fresh_refused``) that token selection breaks."""
+        config = getattr(model, "config", None)
+        for flag, reason in self.fresh_refused:
+            if getattr(config, flag, False):
+                raise ValueError(f"recipe {self.name!r}: clusca/hi_clusca cannot run on a model with {flag}=True "
+                                 f"({reason}); use taylorseer or hicache")
 
     def chunks(self, module_name: str) -> tuple[int, tuple[int, ...]]:
         """(num_chunks, live chunk indices) of a ``live_chunks`` module."""

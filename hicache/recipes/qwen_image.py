@@ -31,16 +31,26 @@ What a cached step does not need is skipped (``tests/test_recipe_skips.py`` prov
 Always run: ``img_in``, ``time_text_embed`` (the gates depend on the current t), the image
 modulation's gate rows, the gating multiplies and residual adds, ``norm_out`` and ``proj_out``.
 
-For fresh tokens in ``img_mlp``/``txt_mlp`` (ClusCa, Hi-ClusCa: recompute some tokens at a cached
-step), those modules need their true inputs at cached steps: a recipe for them must then not skip
-``img_norm2``/``txt_norm2``, the modulation's shift and scale rows of chunk 3-4, nor (for
-``txt_mlp``) the text stream (``txt_norm``, ``txt_in``, ``txt_mod``, ``txt_norm1``).
+ClusCa / Hi-ClusCa. The official tree has no ClusCa for Qwen-Image (its Qwen backend accepts only
+original/TaylorSeer/HiCache: ``../shared/research/qwen_image.md``), so this is the FLUX double-stream
+rule carried over, block for block (``recipes/flux.py``; Qwen-Image has only double-stream blocks): at a
+cached step every block recomputes ``img_mlp`` and ``txt_mlp`` for one token per cluster, picked from
+the input of ``img_norm2``/``txt_norm2`` (the residual stream after the attention add), which then run
+on the K tokens with the MLP shift and scale (chunks 3 and 4 of ``img_mod.1``/``txt_mod.1``); only the
+image MLP propagates; clusters come from the last block's output ``(encoder_hidden_states,
+hidden_states)``. The fresh text tokens need the true text stream, so the text input (``txt_norm``,
+``txt_in``) and modulation (``txt_mod``, gates plus MLP shift and scale) run at cached steps too;
+``txt_norm1`` (it feeds only the forecast attention) stays skipped. As in the official FLUX code, the fresh
+text tokens reach no output: the text stream feeds the image only through the attention, which a cached
+step forecasts (a few MLP rows and the small text projections: kept to match the FLUX rule and the issue,
+``tests/test_qwen_image_recipe.py`` checks they see the true text stream). Edit-Plus-2511's ``zero_cond_t``
+modulates each token by its own index, which K selected tokens do not carry, so it is refused.
 """
 
 import torch
 
 from ..memory import register_input_builder
-from . import Recipe, register_recipe
+from . import ClusterSource, FreshTokens, Recipe, register_recipe
 
 BLOCK = r"transformer_blocks\.\d+\."
 
@@ -51,6 +61,18 @@ QWEN_IMAGE = register_recipe(
         skip=(r"pos_embed", r"txt_in", BLOCK + "txt_mod"),
         skip_broadcast=(r"txt_norm", BLOCK + r"(img|txt)_norm[12]"),
         live_chunks={BLOCK + r"img_mod\.1": (6, (2, 5))},
+        fresh_tokens=(
+            FreshTokens(module=BLOCK + "img_mlp", select=BLOCK + "img_norm2", stream="image", propagate=True),
+            FreshTokens(module=BLOCK + "txt_mlp", select=BLOCK + "txt_norm2", stream="text", propagate=False),
+        ),
+        cluster_sources=(  # image first, as in the flux recipe (the order of the K-means draws)
+            ClusterSource(stream="image", module=r"transformer_blocks\.\d+", output=1),
+            ClusterSource(stream="text", module=r"transformer_blocks\.\d+", output=0),
+        ),
+        fresh_run=(r"txt_norm", r"txt_in", BLOCK + "txt_mod"),
+        fresh_live_chunks={BLOCK + r"(img|txt)_mod\.1": (6, (2, 3, 4, 5))},  # + MLP shift and scale
+        fresh_refused={"zero_cond_t": "its modulation picks per-token parameters by token index, which the K "
+                                      "recomputed tokens do not carry"},
     )
 )
 

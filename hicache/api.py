@@ -139,6 +139,8 @@ def apply_cache(model, config: CacheConfig, recipe: str | Recipe = "flux") -> Ca
             handle.fresh_tokens = token_wise.FreshTokenHooks(config, recipe, modules, forecast)
         handle.step_hook = StepHook(config.schedule, pipeline_step_count(pipe) if pipe is not None else None)
         handle.step_handle, handle.release_handle = attach_step_hook(model, handle.step_hook)
+        handle.step_hook.on_new_loop = lambda name: _forget_context(handle, name)
+        handle.step_hook.on_step_end = lambda name: _note_bytes(handle, name)
         handle.step_hook.on_last_step = lambda name: _release_context(handle, name)
         steps = handle.step_hook.state_manager
         for name in forecast:
@@ -271,6 +273,17 @@ def _check_live_chunks(recipe: Recipe, name: str, module: torch.nn.Module) -> No
     if module.out_features % num_chunks:
         raise ValueError(f"recipe {recipe.name!r}: live_chunks module {name!r} has {module.out_features} outputs, "
                          f"not divisible into {num_chunks} chunks")
+
+
+def _forget_context(handle: CacheHandle, name: str) -> None:
+    """A new sampling loop in one context: nothing its forecast and skip hooks recorded in the last one applies."""
+    for hook in (*handle.forecast_hooks.values(), *handle.skip_hooks.values()):
+        hook.state_manager._state_cache.pop(name, None)
+
+
+def _note_bytes(handle: CacheHandle, name: str) -> None:
+    for hook in handle.forecast_hooks.values():
+        hook.note_bytes(name)
 
 
 def _release_context(handle: CacheHandle, name: str) -> None:

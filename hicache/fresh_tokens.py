@@ -176,7 +176,7 @@ class FreshTokensHook(ForecastHook):
                                f"{indices.shape[1]} fresh tokens")
         labels = clusters.labels[self.spec.stream]
         history.replace_d0(C.propagate_fresh(history.d0, indices, fresh, labels, self.num_clusters, self.gamma))
-        return state.forecast(step.step, self.module_name)
+        return state.forecast(step.position, self.module_name)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.clusters.reset()

@@ -65,6 +65,8 @@ def stand_in_shape(shape: torch.Size, kind: str) -> torch.Size:
 
 
 # Each sampling loop of each context gets a fresh id; a submodule's state from another loop is reset on first use.
+# Ids and step positions reach compiled code as floats: dynamo makes a changing float a graph input after one
+# recompile (unspecialised floats), while it guards on every int's value (a recompile for each new step or loop).
 _LOOP_IDS = itertools.count()
 # Names under which diffusers transformers (and most custom denoisers) take the diffusion timestep.
 TIMESTEP_ARGS = ("timestep", "timesteps")
@@ -76,12 +78,13 @@ class StepState(BaseState):
 
     def reset(self) -> None:
         self.step = -1
+        self.position = -1.0  # `step` as a float, what the hooks inside the (possibly compiled) blocks read
         self.started = False
         self.is_full = True
         self.num_steps: int | None = None  # the step count of this loop, if known
         self.timestep: float | None = None  # the last step's timestep, if the model takes one
         self.direction = 0  # +1 or -1 once the timestep has moved within this loop
-        self.loop = next(_LOOP_IDS)
+        self.loop = float(next(_LOOP_IDS))
 
 
 class StepHook(ModelHook):
@@ -109,6 +112,8 @@ class StepHook(ModelHook):
         self.last_num_steps: int | None = None
         self._timestep_at: tuple[int, str] | None = None
         self._warned: set[int] = set()
+        self.on_new_loop = lambda context_name: None  # set by `apply_cache`: forgets the context's histories
+        self.on_step_end = lambda context_name: None  # set by `apply_cache`: notes the cache's memory
         self.on_last_step = lambda context_name: None  # set by `apply_cache`: frees the context's history
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -117,9 +122,11 @@ class StepHook(ModelHook):
 
     @torch.compiler.disable
     def after_forward(self, module: torch.nn.Module, args, kwargs, output) -> None:
-        """The root's forward hook: after the last step of a known step count, the context's history is released,
-        so the memory of the factors is free again before the pipeline decodes the latents with its VAE."""
+        """The root's forward hook: notes the cache's memory after every step (here, outside any compiled block:
+        a byte count read inside one would be a guarded constant), and after the last step of a known step count
+        releases the context's history, so the memory of the factors is free again before the VAE decode."""
         state: StepState = self.state_manager.get_state()
+        self.on_step_end(self.state_manager.context.name)
         if state.num_steps is not None and state.step == state.num_steps - 1:
             self.on_last_step(self.state_manager.context.name)
 
@@ -140,6 +147,7 @@ class StepHook(ModelHook):
         timestep = self._timestep(args, kwargs)
         if state.step >= 0 and self.starts_new_loop(state, context.step_index, timestep):
             state.reset()
+            self.on_new_loop(context.name)
         if state.step < 0:
             state.num_steps = self._num_steps(context)
         if timestep is not None:
@@ -147,6 +155,7 @@ class StepHook(ModelHook):
                 state.direction = 1 if timestep > state.timestep else -1
             state.timestep = timestep
         state.step += 1
+        state.position = float(state.step)
         state.started = True
         state.is_full = self.schedule.is_full(state.step, state.num_steps)
         if state.is_full:
@@ -257,7 +266,6 @@ def _as_tuple(output: Any, module_name: str) -> tuple[torch.Tensor | None, ...]:
 class ForecastState(BaseState):
     def __init__(self, config: CacheConfig):
         self.config = config
-        self.loop: int | None = None  # the sampling loop (`StepState.loop`) this history belongs to
         self.reset()
 
     def reset(self) -> None:
@@ -291,32 +299,40 @@ class ForecastState(BaseState):
 
 
 class ZeroPool:
-    """One dense zero tensor per (shape, dtype, device), shared by every skipped module of a model.
+    """One dense zero tensor per (shape, dtype, device, inference mode), shared by every skipped module of a model.
 
     Skipped modules stand in with zeros at every cached step. Allocating and filling them each time
     costs a tenth of a cached step on small models, and a broadcast view of one zero is no better:
-    `torch.cat`, their usual consumer, runs at half speed on it. So the zeros are made once, outside
-    inference mode (inference tensors keep no version counter), and reused; the version counter then
-    catches a consumer that wrote into them in place, which would corrupt every later stand-in.
+    `torch.cat`, their usual consumer, runs at half speed on it. So the zeros are made once and reused.
+    Outside inference mode their version counter catches a consumer that wrote into them in place,
+    which would corrupt every later stand-in. Under `torch.inference_mode()` they are inference tensors
+    like every other activation there, which have no version counter: a compiled block then sees the
+    same kind of tensor at cached steps as at full steps (a normal tensor among inference tensors is a
+    different dispatch key, hence one more graph per block); `hicache.check_recipe` runs outside
+    inference mode, so the check still runs there.
     """
 
     def __init__(self):
-        self._tensors: dict[tuple, tuple[torch.Tensor, int, set[str]]] = {}
+        self._tensors: dict[tuple, tuple[torch.Tensor, int | None, set[str]]] = {}
 
-    def zeros(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, module_name: str) -> torch.Tensor:
-        key = (tuple(shape), dtype, device)
-        entry = self._tensors.get(key)
+    def zeros(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, module_name: str,
+              slot: int = 0) -> torch.Tensor:
+        """``slot``: the output's index in its module's tuple. The elements of one tuple get distinct tensors, so
+        a compiled consumer never sees two of its inputs alias at cached steps and not at full steps (one more
+        graph, e.g. FLUX's rotary cos and sin)."""
         if torch.compiler.is_compiling():
-            # inside a compiled graph the zeros are a constant of the graph: no version bookkeeping (inference
-            # tensors have no version counter; the check would be a guard, recompiled at every new user)
-            return entry[0] if entry is not None else torch.zeros(shape, dtype=dtype, device=device)
+            # inside a compiled graph the zeros are the graph's own: no version bookkeeping (the check would be a
+            # guard, recompiled at every new user)
+            return torch.zeros(shape, dtype=dtype, device=device)
+        inference = torch.is_inference_mode_enabled()
+        key = (tuple(shape), dtype, device, inference, slot)
+        entry = self._tensors.get(key)
         if entry is None:
-            with torch.inference_mode(False):
-                tensor = torch.zeros(shape, dtype=dtype, device=device)
-            entry = self._tensors[key] = (tensor, tensor._version, set())
+            tensor = torch.zeros(shape, dtype=dtype, device=device)
+            entry = self._tensors[key] = (tensor, None if inference else tensor._version, set())
         tensor, version, users = entry
         users.add(module_name)
-        if tensor._version != version:
+        if version is not None and tensor._version != version:
             raise RuntimeError(
                 f"hicache: the zeros standing in for skipped modules ({', '.join(map(repr, sorted(users)))}) were modified in "
                 "place by a consumer; a module whose output is written into cannot be skipped (forecast it instead)"
@@ -337,7 +353,6 @@ class SkipState(BaseState):
             raise ValueError(f"stand-in shape must be one of {', '.join(STAND_IN_SHAPES)}, got {shape!r}")
         self.pool = pool
         self.shape = shape
-        self.loop: int | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -352,7 +367,7 @@ class SkipState(BaseState):
     def zeros(self, module_name: str) -> Any:
         if self.specs is None:
             raise RuntimeError(f"hicache: skipped module {module_name!r} never ran at a full step")
-        outputs = tuple(None if s is None else self.pool.zeros(*s, module_name) for s in self.specs)
+        outputs = tuple(None if s is None else self.pool.zeros(*s, module_name, slot) for slot, s in enumerate(self.specs))
         return outputs[0] if self.is_tensor else outputs
 
 
@@ -368,16 +383,15 @@ class _CachedModuleHook(ModelHook):
         self.state_manager = state_manager
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        # a new sampling loop finds no state here: the step hook dropped it (`StepHook.on_new_loop`), outside any
+        # compiled block (a loop id read here would be one more graph per loop)
         step = current_step(self.steps, self.module_name)
         state = self.state_manager.get_state()
-        if state.loop != step.loop:  # a new sampling loop: nothing recorded in another one applies
-            state.reset()
-            state.loop = step.loop
         if step.is_full:
             output = self.fn_ref.original_forward(*args, **kwargs)
-            self.record(state, output, step.step)
+            self.record(state, output, step.position)
             return output
-        return self.stand_in(state, step.step)
+        return self.stand_in(state, step.position)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state_manager.reset()
@@ -391,12 +405,17 @@ class ForecastHook(_CachedModuleHook):
         self.peak_bytes = 0
         self._bytes: dict[str, int] = {}
 
-    def record(self, state: ForecastState, output: Any, step: int) -> None:
+    def record(self, state: ForecastState, output: Any, step: float) -> None:
         state.update(output, step, self.module_name)
-        self._bytes[self.state_manager.context.name] = state.nbytes
-        self.peak_bytes = max(self.peak_bytes, sum(self._bytes.values()))
 
-    def stand_in(self, state: ForecastState, step: int) -> Any:
+    def note_bytes(self, context_name: str) -> None:
+        """Account the memory of one context's history (called by the root's step hook after each step)."""
+        state = self.state_manager._state_cache.get(context_name)
+        if state is not None:
+            self._bytes[context_name] = state.nbytes
+            self.peak_bytes = max(self.peak_bytes, sum(self._bytes.values()))
+
+    def stand_in(self, state: ForecastState, step: float) -> Any:
         return state.forecast(step, self.module_name)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -408,10 +427,10 @@ class SkipHook(_CachedModuleHook):
     def __init__(self, module_name: str, steps: StateManager, pool: ZeroPool, shape: str = "full"):
         super().__init__(module_name, steps, StateManager(SkipState, init_args=(pool, shape)))
 
-    def record(self, state: SkipState, output: Any, step: int) -> None:
+    def record(self, state: SkipState, output: Any, step: float) -> None:
         state.update(output, self.module_name)
 
-    def stand_in(self, state: SkipState, step: int) -> Any:
+    def stand_in(self, state: SkipState, step: float) -> Any:
         return state.zeros(self.module_name)
 
 

@@ -136,7 +136,7 @@ def estimate_memory(model: torch.nn.Module, config: CacheConfig, recipe, *, heig
     factors = num_factors(config)
     for name, specs in outputs.items():
         role = roles[name]
-        for shape, out_dtype in specs:
+        for slot, (shape, out_dtype) in enumerate(specs):
             if role == "forecast" and factors:
                 factor_dtype = out_dtype if config.method == "fora" or config.factor_dtype is None else config.factor_dtype
                 nbytes = math.prod(shape) * _itemsize(factor_dtype)
@@ -145,15 +145,16 @@ def estimate_memory(model: torch.nn.Module, config: CacheConfig, recipe, *, heig
                 largest = max(largest, nbytes)
                 count += 1
             elif role in STAND_IN_SHAPE_OF_ROLE and factors:
-                zeros.add((tuple(stand_in_shape(shape, STAND_IN_SHAPE_OF_ROLE[role])), out_dtype))
+                # one tensor per (shape, dtype, tuple slot): `hooks.ZeroPool`
+                zeros.add((tuple(stand_in_shape(shape, STAND_IN_SHAPE_OF_ROLE[role])), out_dtype, slot))
             elif role == "live_chunks" and factors:
                 for start, stop, live in chunk_runs(shape[-1], *recipe.chunks(name)):
                     if not live:
-                        zeros.add((tuple(shape[:-1]) + (stop - start,), out_dtype))
+                        zeros.add((tuple(shape[:-1]) + (stop - start,), out_dtype, 0))
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     return MemoryEstimate(
         cache_bytes=cache,
-        stand_in_bytes=sum(math.prod(s) * _itemsize(d) for s, d in zeros),
+        stand_in_bytes=sum(math.prod(s) * _itemsize(d) for s, d, _ in zeros),
         update_bytes=largest if factors > 1 else 0,
         activation_bytes=tracker.peak,
         weight_bytes=weights,

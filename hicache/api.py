@@ -13,7 +13,8 @@ from diffusers.hooks.hooks import CacheContext
 
 from .config import TOKEN_METHODS, CacheConfig
 from .hooks import (FORECAST_HOOK, HOOK_NAMES, LIVE_CHUNKS_HOOK, SKIP_HOOK, STAND_IN_SHAPE_OF_ROLE, STEP_HOOK, ForecastHook,
-                    LiveChunksHook, SkipHook, StepHook, ZeroPool, attach_step_hook, pipeline_step_count, register, unregister)
+                    LiveChunksHook, SkipHook, StepHook, ZeroPool, attach_step_hook, pipeline_loop_starts,
+                    pipeline_step_count, register, unregister)
 from .memory import MemoryEstimate, estimate_memory
 from .recipes import Recipe, get_recipe
 from . import fresh_tokens as token_wise
@@ -110,7 +111,8 @@ def apply_cache(model, config: CacheConfig, recipe: str | Recipe = "flux") -> Ca
 
         lesa_recipe = get_lesa_recipe(recipe)
         handle = CacheHandle(config=config, recipe=lesa_recipe)
-        attach_lesa(model, config, lesa_recipe, handle, pipeline_step_count(pipe) if pipe is not None else None)
+        attach_lesa(model, config, lesa_recipe, handle, pipeline_step_count(pipe) if pipe is not None else None,
+                    pipeline_loop_starts(pipe) if pipe is not None else None)
         setattr(model, _HANDLE_ATTR, handle)
         return handle
     recipe = get_recipe(recipe)
@@ -137,7 +139,8 @@ def apply_cache(model, config: CacheConfig, recipe: str | Recipe = "flux") -> Ca
         if config.method in TOKEN_METHODS:  # checked against the model before any hook is attached
             recipe.refuse_fresh_tokens(model)
             handle.fresh_tokens = token_wise.FreshTokenHooks(config, recipe, modules, forecast)
-        handle.step_hook = StepHook(config.schedule, pipeline_step_count(pipe) if pipe is not None else None)
+        handle.step_hook = StepHook(config.schedule, pipeline_step_count(pipe) if pipe is not None else None,
+                                    pipeline_loop_starts(pipe) if pipe is not None else None)
         handle.step_handle, handle.release_handle = attach_step_hook(model, handle.step_hook)
         handle.step_hook.on_new_loop = lambda name: _forget_context(handle, name)
         handle.step_hook.on_step_end = lambda name: _note_bytes(handle, name)

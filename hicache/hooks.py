@@ -91,10 +91,12 @@ class StepHook(ModelHook):
     """Counts the root module's forwards as steps and decides which are full.
 
     A new sampling loop starts fresh (step 0, empty histories) when the cache context says it is step 0
-    (``step_index=0``) or when the timestep moves against the way it moved so far in this loop (down in
-    every diffusers pipeline: a new call starts at the highest noise again). The timestep is read from the
-    model's ``timestep`` argument (one host sync per step on GPUs); a model without one, driven by a loop that
-    gives no ``step_index``, is reset only by pipelines at the end of a call or by `hicache.reset_cache`.
+    (``step_index=0``), else when the pipeline the cache was applied to says so (``loop_starts``: its
+    scheduler has not stepped yet in this call), else when the timestep moves against the way it moved so far
+    in this loop (down in every diffusers pipeline: a new call starts at the highest noise again). Only that
+    last signal reads a number from the model's ``timestep`` argument, one host sync per step on a GPU: apply
+    the cache to the pipeline (``apply_cache(pipe, ...)``) to avoid it. A model without a timestep, driven by a
+    loop that gives neither signal, is reset only by pipelines at the end of a call or by `hicache.reset_cache`.
 
     The step count, which ``final_full_steps`` needs, comes from the cache context (``num_inference_steps``),
     else from the pipeline the cache was applied to (``num_steps_of_call``), else from the config.
@@ -102,10 +104,12 @@ class StepHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, schedule: Schedule, num_steps_of_call: Callable[[], int | None] | None = None):
+    def __init__(self, schedule: Schedule, num_steps_of_call: Callable[[], int | None] | None = None,
+                 loop_starts: Callable[[], bool | None] | None = None):
         super().__init__()
         self.schedule = schedule
         self.num_steps_of_call = num_steps_of_call
+        self.loop_starts = loop_starts
         self.state_manager = StateManager(StepState)
         self.full_forwards = 0
         self.cached_forwards = 0
@@ -144,8 +148,13 @@ class StepHook(ModelHook):
                 f"hicache: {type(module).__name__} was called outside a cache context; wrap the call (or the whole "
                 "pipeline call) in `with hicache.cache_context(model, 'cond'):`") from None
         state: StepState = self.state_manager.get_state()
-        timestep = self._timestep(args, kwargs)
-        if state.step >= 0 and self.starts_new_loop(state, context.step_index, timestep):
+        step_index = context.step_index
+        if step_index is None and self.loop_starts is not None:
+            starts = self.loop_starts()
+            if starts is not None:
+                step_index = 0 if starts else -1  # -1: some later step (its number is the step counter's)
+        timestep = self._timestep(args, kwargs) if step_index is None else None
+        if state.step >= 0 and self.starts_new_loop(state, step_index, timestep):
             state.reset()
             self.on_new_loop(context.name)
         if state.step < 0:
@@ -232,6 +241,22 @@ def pipeline_step_count(pipe) -> Callable[[], int | None]:
         return None if p is None else getattr(p, "_num_timesteps", None)
 
     return count
+
+
+def pipeline_loop_starts(pipe) -> Callable[[], bool | None]:
+    """Whether a diffusers pipeline's current call is at its first step: its scheduler's ``step_index`` is None
+    until the first ``scheduler.step`` of a call (``set_timesteps`` clears it). None when the pipeline has no such
+    scheduler. Read on the host, so the step hook need not read the timestep back from the device."""
+    ref = weakref.ref(pipe)
+
+    def starts() -> bool | None:
+        p = ref()
+        scheduler = getattr(p, "scheduler", None)
+        if scheduler is None or not hasattr(type(scheduler), "step_index"):
+            return None
+        return scheduler.step_index is None
+
+    return starts
 
 
 def attach_step_hook(model: torch.nn.Module, step_hook: StepHook):

@@ -132,7 +132,7 @@ def _replace_first_argument(args: tuple, kwargs: dict, value: torch.Tensor) -> t
     return args, {**kwargs, first: value}
 
 
-def attach_lesa(model: torch.nn.Module, config, recipe, handle, num_steps_of_call=None) -> None:
+def attach_lesa(model: torch.nn.Module, config, recipe, handle, num_steps_of_call=None, loop_starts=None) -> None:
     """Register the LESA hooks of ``config`` on ``model`` and record them in ``handle`` (a `CacheHandle`)."""
     lesa = get_lesa_recipe(recipe)
     predictor: LesaPredictor = config.predictor
@@ -148,7 +148,7 @@ def attach_lesa(model: torch.nn.Module, config, recipe, handle, num_steps_of_cal
     parameter = next(model.parameters(), None)
     if parameter is not None:
         predictor.to(parameter.device)
-    handle.step_hook = StepHook(config.schedule, num_steps_of_call)
+    handle.step_hook = StepHook(config.schedule, num_steps_of_call, loop_starts)
     handle.step_handle, handle.release_handle = attach_step_hook(model, handle.step_hook)
     steps = handle.step_hook.state_manager
     hook = LesaHook(lesa.target, steps, predictor, lesa)

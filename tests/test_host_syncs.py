@@ -20,9 +20,10 @@ def test_cached_sampling_reads_nothing_back(method):
                   pooled_projections=torch.randn(1, 32, generator=g), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(4, 3))
     timesteps = [torch.tensor([1.0 - i / 8]) for i in range(8)]
     with pytest.MonkeyPatch.context() as mp:
-        # Known exception, not this code: the step hook's new-loop detection reads the model's timestep
-        # argument once per step (StepHook._timestep, a sync per step on a GPU; see its docstring). It is kept
-        # out of this test so that everything else is held to no reads at all.
+        # Applied to a bare transformer, the step hook's new-loop detection reads the model's timestep
+        # argument once per step (StepHook._timestep, a sync per step on a GPU; see its docstring; applied to a
+        # pipeline it reads the scheduler instead: tests/test_new_loop.py). It is kept out of this test so that
+        # everything else is held to no reads at all.
         mp.setattr(hicache.hooks.StepHook, "_timestep", lambda self, args, kwargs: None)
         for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
             mp.setattr(torch.Tensor, name, _fail)

@@ -169,3 +169,34 @@ def test_a_meta_timestep_is_not_read():
     assert hook._timestep((torch.zeros(1), torch.tensor(0.5)), {}) == 0.5
     assert hook._timestep((), {"timestep": torch.tensor([3.0, 7.0])}) == 7.0
     assert hook._timestep((torch.zeros(1),), {"timestep": torch.full((1,), 0.5, device="meta")}) is None
+
+
+def test_a_cache_applied_to_a_pipeline_finds_new_loops_without_reading_the_timestep(monkeypatch):
+    """Applied to the pipeline, the step hook learns a call's first step from its scheduler (on the host), so it
+    never reads the timestep back from the device (a sync per step on a GPU), and a call interrupted mid-loop
+    still leaves nothing behind: the next call equals a fresh one."""
+    from hicache.testbeds.tiny.flux import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(seed=0, num_layers=1, num_single_layers=1)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(height=32, width=32, num_inference_steps=STEPS, output_type="pt", max_sequence_length=16)
+
+    def call(stop_at=None):
+        def stop(p, i, t, tensors):
+            if i == stop_at:
+                raise KeyboardInterrupt
+            return tensors
+        return pipe("a red circle", generator=torch.Generator().manual_seed(0), callback_on_step_end=stop, **kwargs).images
+
+    reads = []
+    monkeypatch.setattr(hicache.hooks.StepHook, "_timestep", lambda self, args, kwargs: reads.append(1))
+    hicache.apply_cache(pipe, CONFIG, "flux")
+    try:
+        first = call()
+        with pytest.raises(KeyboardInterrupt):
+            call(stop_at=3)  # the pipeline's end-of-call reset never runs
+        after_interrupt = call()
+    finally:
+        hicache.remove_cache(pipe.transformer)
+    assert reads == [] and torch.equal(after_interrupt, first)
+    assert not torch.equal(first, call())  # it really cached

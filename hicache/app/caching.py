@@ -80,7 +80,8 @@ def _attach_hicache(pipe, cache: DictConfig, model: DictConfig, steps: int) -> A
     config = hicache_config(cache, steps, model)
     transformer = pipe.transformer
     try:  # a method the model's recipe cannot run (clusca without fresh tokens): one line
-        hicache.apply_cache(transformer, config, recipe=model.get("recipe", "flux"))
+        # applied to the pipeline: its scheduler tells the step hook where a call starts (no timestep read-back)
+        hicache.apply_cache(pipe, config, recipe=model.get("recipe", "flux"))
     except ValueError as err:
         raise SetupError(f"cache={cache.get('method')}, model {model.get('name')}: {err}") from None
 

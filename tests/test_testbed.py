@@ -152,3 +152,15 @@ def test_heldout_captions_follow_the_testbed_folder(tmp_path):
     assert v == Variation(**UNSAID)
     held = heldout_captions(32, seed=0, variation=v)
     assert held != heldout_captions(32, seed=0, variation=Variation()) and all(is_heldout(c) for c in held)
+
+
+def test_clouds_vary_the_background_smoothly_and_leave_the_caption_and_checker_alone():
+    from hicache.testbeds.flux_shapes.dataset import Variation
+
+    plain = [training_scene(4, i) for i in range(60)]
+    clouded = [training_scene(4, i, Variation(clouds=0.3)) for i in range(60)]
+    assert [s.caption for s in plain] == [s.caption for s in clouded]  # the field is not in the caption
+    assert all(s.clouds is None for s in plain) and len({s.clouds.seed for s in clouded}) == 60
+    a, b = (np.asarray(render(s), dtype=np.float32) for s in (plain[0], clouded[0]))
+    assert np.abs(a - b).mean() > 2 and (b <= a + 1).all()  # darkening only
+    assert accuracy([check(render(s), s.caption) for s in clouded]) >= 0.95

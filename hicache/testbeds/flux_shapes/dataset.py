@@ -86,6 +86,9 @@ class Variation:
             uniformly). Real captions leave most of an image unsaid, so the model must pick a mode
             from the noise, which is what bends a real model's sampling path; the checker scores only
             what a caption says.
+        clouds: amplitude of a smooth random brightness field on the background (octaves of 2 to 8 cells
+            with 1/f amplitudes, the spectrum of natural images, coarse enough for the x8 VAE to keep): coarse
+            octaves are decided early in sampling and fine ones late, as a real image's details are; 0 is none.
     """
 
     jitter: float = JITTER
@@ -94,6 +97,7 @@ class Variation:
     unsaid_size: float = 0.0
     unsaid_position: float = 0.0
     unsaid_style: float = 0.0
+    clouds: float = 0.0
 
     @property
     def leaves_unsaid(self) -> bool:
@@ -136,12 +140,21 @@ class Texture:
 
 
 @dataclass(frozen=True)
+class Clouds:
+    """A procedural smooth random field: its seed and amplitude (`clouds_field`)."""
+
+    seed: int
+    amplitude: float
+
+
+@dataclass(frozen=True)
 class Scene:
     shapes: tuple[ShapeSpec, ...]
     background_colour: str
     background_style: str
     texture: Texture | None = None  # not in the caption
     says_style: bool = True  # whether the caption states the background style
+    clouds: Clouds | None = None  # not in the caption
 
     @property
     def caption(self) -> str:
@@ -203,6 +216,7 @@ def random_scene(rng: np.random.Generator, num_shapes: int | None = None, variat
             side = float(rng.uniform(0.15, 0.6))
             top, left = (float(v) for v in rng.uniform(0, 1 - side, size=2))
             texture = Texture(TEXTURE_IMAGES[rng.integers(len(TEXTURE_IMAGES))], top, left, side, variation.texture)
+        clouds = Clouds(int(rng.integers(2**31)), variation.clouds) if variation.clouds else None
         says_style = True
         if variation.leaves_unsaid:  # extra draws only then: the default stream stays as it was
             shapes = tuple(
@@ -211,7 +225,7 @@ def random_scene(rng: np.random.Generator, num_shapes: int | None = None, variat
                 for s in shapes
             )
             says_style = bool(rng.random() >= variation.unsaid_style)
-        return Scene(shapes, colours[picked[-1]], background, texture, says_style)
+        return Scene(shapes, colours[picked[-1]], background, texture, says_style, clouds)
 
 
 def training_scene(seed: int, index: int, variation: Variation = DEFAULT_VARIATION) -> Scene:
@@ -330,6 +344,24 @@ def texture_field(texture: Texture, size: int) -> np.ndarray:
     return 1.0 + texture.amplitude * z
 
 
+CLOUD_OCTAVES = (2, 4, 8)  # grid cells across the image; 8 is one cell per latent pixel of the x8 VAE
+
+
+def clouds_field(clouds: Clouds, size: int) -> np.ndarray:
+    """Brightness factors (size, size): octaves of Gaussian noise on 2..8-cell grids, bicubically upsampled,
+    each weighted by its cell size (a 1/f spectrum), then normalised as `texture_field` (rows keep their median;
+    darkening only, by at most 2 * amplitude) so the checker still reads the background."""
+    rng = np.random.default_rng(clouds.seed)
+    z = np.zeros((size, size), dtype=np.float32)
+    for cells in CLOUD_OCTAVES:
+        grid = rng.standard_normal((cells, cells)).astype(np.float32)
+        up = np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC), dtype=np.float32)
+        z += up * CLOUD_OCTAVES[0] / cells
+    z = z - np.median(z, axis=1, keepdims=True)
+    z = np.clip(z / max(float(z.std()), 1e-3), -2.0, 0.0)
+    return 1.0 + clouds.amplitude * z
+
+
 def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
     """The scene as an RGB image (drawn supersampled, then box-filtered, for clean edges)."""
     big = resolution * _SUPERSAMPLE
@@ -337,6 +369,9 @@ def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
     if scene.texture is not None:
         # constant on each supersampled block, so the box filter keeps every row's median at 1
         factor = np.repeat(np.repeat(texture_field(scene.texture, resolution), _SUPERSAMPLE, 0), _SUPERSAMPLE, 1)[..., None]
+        background = np.clip(background.astype(np.float32) * factor, 0, 255).round().astype(np.uint8)
+    if scene.clouds is not None:
+        factor = np.repeat(np.repeat(clouds_field(scene.clouds, resolution), _SUPERSAMPLE, 0), _SUPERSAMPLE, 1)[..., None]
         background = np.clip(background.astype(np.float32) * factor, 0, 255).round().astype(np.uint8)
     image = Image.fromarray(background)
     draw = ImageDraw.Draw(image)

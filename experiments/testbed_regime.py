@@ -134,17 +134,10 @@ def fidelity(images, references) -> dict[str, list[float]]:
 
 
 def paired(a, b, seed: int = 0) -> dict:
-    """Per-prompt wins of a over b and a bootstrap 95 % interval of the mean of a - b (dB)."""
-    from scipy.stats import bootstrap
+    """Per-prompt wins of a over b and a bootstrap 95 % interval of the mean of a - b (dB): `paired_stats`."""
+    from hicache.app.paired import paired_stats
 
-    diff = np.asarray(a) - np.asarray(b)
-    low = high = float("nan")
-    if len(diff) >= 3 and np.ptp(diff) > 0:
-        ci = bootstrap((diff,), np.mean, n_resamples=2000, method="percentile", random_state=seed).confidence_interval
-        low, high = float(ci.low), float(ci.high)
-    elif len(diff):
-        low = high = float(diff.mean())
-    return {"wins": int((diff > 0).sum()), "n": len(diff), "mean": float(diff.mean()), "ci_low": low, "ci_high": high}
+    return paired_stats([float(x) for x in a], [float(y) for y in b], seed)
 
 
 def checker_accuracy(images, captions) -> float | None:
@@ -276,7 +269,7 @@ def markdown(result: dict, title: str) -> str:
               "## Paired per-prompt comparisons (PSNR, a - b)", "",
               "| N | a | b | a wins | mean a - b (dB) | bootstrap 95 % CI |", "|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
-        lines.append(f"| {c['interval']} | {c['a']} | {c['b']} | {c['wins']}/{c['n']} | {_fmt(c['mean'])} | "
+        lines.append(f"| {c['interval']} | {c['a']} | {c['b']} | {c['a_wins']}/{c['n']} | {_fmt(c['mean_diff'])} | "
                      f"[{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}] |")
     c = result["conditions"]
     lines += ["", "## Issue 16 conditions", ""]

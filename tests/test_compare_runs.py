@@ -30,3 +30,16 @@ def test_cli_prints_a_row_per_pair_and_metric_and_fails_in_one_line(tmp_path, ca
     assert [row.split(" | ")[2] for row in rows] == ["psnr", "ssim"] and "| 2 | 2 | 0 | 0 |" in rows[0]
     assert paired.main([str(tmp_path), "a", "missing"]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
+def test_paired_stats_is_the_one_paired_comparison():
+    from hicache.app.paired import paired_stats
+
+    r = paired_stats([30.0, 31.0, float("inf"), 28.0, 25.0], [29.0, 31.0, float("inf"), 27.0, 26.5])
+    assert (r["n"], r["a_wins"], r["ties"], r["b_wins"]) == (5, 2, 2, 1)
+    assert r["mean_diff"] == pytest.approx((1 + 0 + 1 - 1.5) / 4)  # the identical (inf) pair is left out of the mean
+    assert r["ci_low"] <= r["mean_diff"] <= r["ci_high"] and 0 < r["wilcoxon_p"] <= 1
+    one = paired_stats([2.0], [1.0])
+    assert one["mean_diff"] == one["ci_low"] == one["ci_high"] == 1.0 and one["wilcoxon_p"] is None
+    with pytest.raises(ValueError):
+        paired_stats([1.0, 2.0], [1.0])

@@ -42,16 +42,16 @@ def test_regime_report_on_a_tiny_pipeline(tmp_path):
     assert len(s["velocity_cosine_per_step"]) == 11 and -1 <= s["velocity_cosine_mean"] <= 1
     assert 0 < s["chord_over_path"] <= 1 + 1e-6
     c = next(c for c in result["comparisons"] if c["interval"] == 7 and c["b"] == "steps" and c["a"] == "TaylorSeer O=2")
-    assert c["n"] == 3 and 0 <= c["wins"] <= 3 and c["ci_low"] <= c["mean"] <= c["ci_high"]
+    assert c["n"] == 3 and 0 <= c["a_wins"] <= 3 and c["ci_low"] <= c["mean_diff"] <= c["ci_high"]
     assert set(result["conditions"]) >= {"a_gap_N7_dB", "b_taylorseer_N7_dB", "c_checker_accuracy_reference"}
 
 
 def test_paired_counts_wins_and_brackets_the_mean():
     regime = _regime_module()
     res = regime.paired([3.0, 2.0, 5.0, 1.0], [1.0, 2.5, 1.0, 0.0])
-    assert res["wins"] == 3 and res["n"] == 4
-    assert res["mean"] == pytest.approx(1.625)
-    assert res["ci_low"] <= res["mean"] <= res["ci_high"]
+    assert res["a_wins"] == 3 and res["b_wins"] == 1 and res["n"] == 4
+    assert res["mean_diff"] == pytest.approx(1.625)
+    assert res["ci_low"] <= res["mean_diff"] <= res["ci_high"]
 
 
 def test_full_step_count_matches_the_issue():

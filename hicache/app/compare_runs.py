@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -27,19 +26,13 @@ def load_metrics(run_dir: Path) -> dict[int, dict]:
 
 
 def compare(a: dict[int, dict], b: dict[int, dict], metric: str) -> dict:
-    """Wins, ties and losses of A against B on ``metric`` over the prompts both runs have."""
-    from scipy.stats import wilcoxon
+    """Wins, ties and losses of A against B on ``metric`` over the prompts both runs have (`paired.paired_stats`)."""
+    from .paired import paired_stats
 
     common = sorted(set(a) & set(b))
     pairs = [(a[i][metric], b[i][metric]) for i in common
              if isinstance(a[i].get(metric), (int, float)) and isinstance(b[i].get(metric), (int, float))]
-    diffs = [x - y for x, y in pairs if not (math.isinf(x) and math.isinf(y))]
-    nonzero = [d for d in diffs if d != 0 and math.isfinite(d)]
-    p = float(wilcoxon(nonzero).pvalue) if len(nonzero) >= 2 else None
-    finite = [d for d in diffs if math.isfinite(d)]
-    return {"metric": metric, "n": len(pairs), "a_wins": sum(x > y for x, y in pairs),
-            "ties": sum(x == y for x, y in pairs), "b_wins": sum(x < y for x, y in pairs),
-            "mean_diff": sum(finite) / len(finite) if finite else None, "wilcoxon_p": p}
+    return {"metric": metric, **paired_stats([x for x, _ in pairs], [y for _, y in pairs])}
 
 
 def render(root: Path, pairs: list[tuple[str, str]], metrics: list[str]) -> str:

@@ -7,7 +7,7 @@ import torch
 
 import hicache
 from hicache import clusters as C
-from hicache import fresh_tokens, hooks
+from hicache import fresh_tokens
 from hicache.app.speed import count_transformer_flops
 from hicache.testbeds.tiny.flux import tiny_flux_pipeline, tiny_flux_transformer
 
@@ -283,7 +283,7 @@ def test_cached_step_flops_are_the_forecast_plus_k_token_mlps():
 
 
 @pytest.mark.parametrize("method", ["clusca", "hi_clusca"])
-def test_skipped_outputs_stay_dead(method, monkeypatch):
+def test_skipped_outputs_stay_dead(method, random_stand_ins):
     """The recipe that token-wise methods run with skips only dead outputs (as tests/test_recipe_skips.py checks
     for the others): random stand-ins for every skipped output and left-out chunk change nothing."""
     model = tiny_flux_transformer(num_layers=2, num_single_layers=1)
@@ -296,15 +296,7 @@ def test_skipped_outputs_stay_dead(method, monkeypatch):
             hicache.remove_cache(model)
 
     with_zeros = run()
-    g = torch.Generator().manual_seed(1)
-
-    def noisy(self, module_name):
-        out = tuple(None if s is None else torch.randn(s[0], generator=g).to(s[1]) for s in self.specs)
-        return out[0] if self.is_tensor else out
-
-    monkeypatch.setattr(hooks.SkipState, "zeros", noisy)
-    monkeypatch.setattr(hooks.LiveChunksHook, "dead_chunks",
-                        lambda self, shape, dtype, device: torch.randn(shape, generator=g).to(dtype))
+    random_stand_ins()
     assert torch.equal(run(), with_zeros)
 
 

@@ -358,22 +358,12 @@ def test_token_wise_recipe_runs_the_text_stream_and_the_mlp_modulation(model):
 
 
 @pytest.mark.parametrize("method", TOKEN_METHODS)
-def test_token_wise_skipped_outputs_stay_dead(model, method, monkeypatch):
+def test_token_wise_skipped_outputs_stay_dead(model, method, random_stand_ins):
     """Random stand-ins for every skipped output and left-out modulation chunk change nothing, with true CFG and
     edit reference tokens."""
-    from hicache import hooks
-
     inputs = _inputs(seed=6, ref_size=2)
     with_zeros = _hooked_loop(model, inputs, _token_config(method), cfg=True)
-    g = torch.Generator().manual_seed(1)
-
-    def noisy(self, module_name):
-        out = tuple(None if s is None else torch.randn(s[0], generator=g).to(s[1]) for s in self.specs)
-        return out[0] if self.is_tensor else out
-
-    monkeypatch.setattr(hooks.SkipState, "zeros", noisy)
-    monkeypatch.setattr(hooks.LiveChunksHook, "dead_chunks",
-                        lambda self, shape, dtype, device: torch.randn(shape, generator=g).to(dtype))
+    random_stand_ins()
     assert torch.equal(_hooked_loop(model, inputs, _token_config(method), cfg=True), with_zeros)
 
 

@@ -110,17 +110,6 @@ def test_skipped_outputs_are_dead_at_cached_steps(name):
     assert str(report).startswith(f"recipe {recipe!r} on {type(model).__name__}: OK.")
 
 
-def _lesa_random_stand_ins(monkeypatch):
-    """Random values instead of zeros for every skipped module's output (LESA has no live chunks)."""
-    g = torch.Generator().manual_seed(1)
-
-    def noisy(self, module_name):
-        out = tuple(None if s is None else torch.randn(s[0], generator=g).to(s[1]) for s in self.specs)
-        return out[0] if self.is_tensor else out
-
-    monkeypatch.setattr(hooks.SkipState, "zeros", noisy)
-
-
 def _lesa_config(recipe: str = "flux") -> hicache.CacheConfig:
     """LESA on the toy loop's schedule (t = 1 - i/6): full at 0, 1, 3, 4; steps 2 and 5 forecast."""
     from hicache.lesa import LesaPredictor, LesaPredictorConfig
@@ -144,16 +133,16 @@ def _lesa_models() -> list[str]:
 
 
 @pytest.mark.parametrize("name", _lesa_models())
-def test_lesa_skipped_outputs_are_dead_at_cached_steps(name, monkeypatch):
+def test_lesa_skipped_outputs_are_dead_at_cached_steps(name, random_stand_ins):
     """LESA skips the whole stack before its forecast tensor: every skipped output must be dead."""
     model, inputs, recipe = MODELS[name]()
     with_zeros = _sample(model, inputs, recipe, _lesa_config(recipe))
-    _lesa_random_stand_ins(monkeypatch)
+    random_stand_ins(chunks=False)  # LESA has no live chunks
     with_noise = _sample(model, inputs, recipe, _lesa_config(recipe))
     torch.testing.assert_close(with_noise, with_zeros, rtol=0, atol=0)
 
 
-def test_a_live_lesa_skip_changes_the_result(monkeypatch):
+def test_a_live_lesa_skip_changes_the_result(random_stand_ins):
     """Skipping FLUX's time embedding, which norm_out reads after the forecast, is caught."""
     from dataclasses import replace
 
@@ -162,7 +151,7 @@ def test_a_live_lesa_skip_changes_the_result(monkeypatch):
     model, inputs, recipe = _flux()
     live = replace(get_lesa_recipe(recipe), name="live", skip=(*get_lesa_recipe(recipe).skip, r"time_text_embed"))
     with_zeros = _sample(model, inputs, live, _lesa_config())
-    _lesa_random_stand_ins(monkeypatch)
+    random_stand_ins(chunks=False)
     assert not torch.equal(_sample(model, inputs, live, _lesa_config()), with_zeros)
 
 

@@ -22,6 +22,7 @@ A predictor is a folder of two files: ``predictor.json`` (`LesaPredictorConfig`)
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -137,15 +138,25 @@ class LesaPredictor(torch.nn.Module):
         return recent[-1] + alpha * z
 
 
-def save_predictor(predictor: LesaPredictor, folder: str | Path) -> Path:
-    """Write ``predictor.json`` and ``predictor.safetensors`` into ``folder``."""
+def save_predictor(predictor: LesaPredictor, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write ``predictor.json`` and ``predictor.safetensors`` into ``folder``; ``dtype``: store the floating-point
+    tensors in it (e.g. float16 for a shipped predictor: half the bytes; `load_predictor` casts them back)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in predictor.state_dict().items()}
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in predictor.state_dict().items()}
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
+    _readable_as_umask_allows(folder / WEIGHTS_FILE)  # safetensors writes 0600: a shared predictor must be readable
     text = json.dumps({"format": FORMAT, **asdict(predictor.config)}, indent=1)
     (folder / CONFIG_FILE).write_text(text)
     return folder
+
+
+def _readable_as_umask_allows(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open`` would have (0666 minus the umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def load_predictor(path: str | Path, device: torch.device | str | None = None,

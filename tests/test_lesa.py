@@ -1,6 +1,7 @@
 """LESA: the B-spline KAN, the predictor's math, its stage map and schedule, its file, and its cache."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -147,7 +148,13 @@ def test_predictor_is_h_prev_plus_kan_times_history_filter():
 
 def test_predictor_file_round_trip(tmp_path):
     predictor = small_predictor()
-    save_predictor(predictor, tmp_path / "p")
+    old_mask = os.umask(0o022)
+    try:
+        save_predictor(predictor, tmp_path / "p")
+    finally:
+        os.umask(old_mask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "p").iterdir()} == \
+        {"predictor.json": 0o644, "predictor.safetensors": 0o644}  # not safetensors' 0600: shared predictors are read
     loaded = load_predictor(tmp_path / "p")
     assert loaded.config == predictor.config
     history = [torch.randn(2, 3) for _ in range(4)]

@@ -247,8 +247,9 @@ def run_lesa_train(cfg: DictConfig) -> dict:
         export = Path(t.export_dir)
         if export.exists():
             shutil.rmtree(export)
-        shutil.copytree(folder, export)
-        logger.info("exported the predictor to %s", export)
+        export_dtype = t.get("export_dtype")
+        save_predictor(predictor, export, dtype=getattr(torch, export_dtype) if export_dtype else None)
+        logger.info("exported the predictor to %s (%s)", export, export_dtype or "as trained")
     results.update(updates=opt.updates, predictor=str(folder), cached_steps_per_prompt=len(cached_steps))
     wb.summary.update({k: v for k, v in results.items() if isinstance(v, (int, float))})
     wb.finish()

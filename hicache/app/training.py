@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import SetupError
+from .files import umask
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ def _export(source: Path, export_dir: str | None, ignore=None) -> None:
     if export.exists():
         shutil.rmtree(export)
     shutil.copytree(source, export, ignore=ignore)
+    mode = 0o666 & ~umask()
+    for path in export.rglob("*"):  # safetensors writes 0600: shipped weights must be readable by everyone who may
+        if path.is_file():
+            path.chmod(mode)
     logger.info("exported the trained testbed to %s", export)
 
 

@@ -1,6 +1,7 @@
 """LESA through run.py on the tiny FLUX pipeline: training (both phases, resumable), the optimiser's checkpoint,
 teacher-forced vs closed-loop histories, and smoke runs of every LESA experiment config."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,3 +153,31 @@ def test_official_bfloat16_recipe_freezes_weights_that_float32_moves():
         opt.update(predictor(history, 0.7), torch.randn(8, 4))  # t = 0.7: stage 1
         moved[dtype] = bool((weight.detach() != before).any())
     assert moved == {torch.float32: True, torch.bfloat16: False}
+
+
+@pytest.mark.parametrize("interval, full_steps", [(7, 10), (10, 8)])
+def test_the_shipped_testbed_predictors_fit_the_testbeds_sampling(interval, full_steps):
+    """`python run.py model=testbed cache=lesa cache.interval=N` finds these by itself (conf/cache/lesa.yaml): they
+    must be for that N and for the testbed's 50-step schedule at 64x64, as the evaluation samples."""
+    from hicache.lesa import load_predictor
+    from hicache.testbeds import WEIGHTS_DIR
+    from hicache.testbeds.flux_shapes import load_pipeline
+
+    predictor = load_predictor(WEIGHTS_DIR / "lesa" / "testbed" / f"N{interval}")
+    config = predictor.config
+    assert config.interval == interval and config.warmup == 3 and list(config.extra_full_steps) == [3]
+    assert len(hicache.CacheConfig("lesa", interval=interval, warmup=3, extra_full_steps=[3], predictor=predictor)
+               .schedule.full_steps_for(50)) == full_steps
+    pipe = load_pipeline()
+    # what FluxPipeline does at 50 steps and 64x64: sigmas linspace(1, 1/50), shifted for the image's token count
+    pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 50, 50), mu=_testbed_mu(pipe))
+    assert config.timesteps == pytest.approx(pipe.scheduler.sigmas.tolist(), abs=1e-6)
+
+
+def _testbed_mu(pipe):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    tokens = (64 // pipe.vae_scale_factor // 2) ** 2
+    c = pipe.scheduler.config
+    return calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                           c.get("base_shift", 0.5), c.get("max_shift", 1.15))

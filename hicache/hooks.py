@@ -231,10 +231,19 @@ def _timestep_parameter(module: torch.nn.Module) -> tuple[int, str] | None:
     return None
 
 
+def _reference(obj) -> Callable[[], Any]:
+    """A weak reference where the object allows one (a pipeline holds its transformer, which holds these hooks),
+    else a plain one (e.g. a `types.SimpleNamespace` standing in for a pipeline)."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
+
+
 def pipeline_step_count(pipe) -> Callable[[], int | None]:
     """The step count of a diffusers pipeline's current call: ``num_timesteps``, which every pipeline sets to
     the length of its loop before entering it (an img2img call counts only the steps it runs)."""
-    ref = weakref.ref(pipe)
+    ref = _reference(pipe)
 
     def count() -> int | None:
         p = ref()
@@ -247,7 +256,7 @@ def pipeline_loop_starts(pipe) -> Callable[[], bool | None]:
     """Whether a diffusers pipeline's current call is at its first step: its scheduler's ``step_index`` is None
     until the first ``scheduler.step`` of a call (``set_timesteps`` clears it). None when the pipeline has no such
     scheduler. Read on the host, so the step hook need not read the timestep back from the device."""
-    ref = weakref.ref(pipe)
+    ref = _reference(pipe)
 
     def starts() -> bool | None:
         p = ref()

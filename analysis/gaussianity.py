@@ -9,7 +9,9 @@ recorded trajectories (`hicache.trajectories`), per (run, block, module, output,
   heavy-tailed mixture, so both are reported);
 - univariate normality tests on a seeded subsample of elements: D'Agostino-Pearson, Shapiro-Wilk,
   Anderson-Darling (scipy.stats);
-- Henze-Zirkler multivariate normality (pingouin) on the token vectors reduced by PCA;
+- Henze-Zirkler multivariate normality (pingouin) on the token vectors reduced by PCA, and beside it the
+  energy test (the paper's multivariate test: energy statistics, here dcor's two-sample energy test of the
+  reduced vectors against as many draws from the Gaussian with their mean and covariance, permutation p-value);
 - maximum-likelihood fits of Gaussian, Laplace and Student-t: log-likelihood per element and AIC.
 
 The differences are those of the core's own `DifferenceHistory` fed the full trajectory every
@@ -102,8 +104,11 @@ def likelihood_comparison(sample: np.ndarray) -> dict:
     return out
 
 
+ENERGY_RESAMPLES = 199  # permutations of the energy test: p-values in steps of 1/200
+
+
 def multivariate_normality(x: np.ndarray, dims: int, seed: int) -> dict:
-    """Henze-Zirkler test on the token vectors projected on their first ``dims`` principal axes."""
+    """Henze-Zirkler and energy tests on the token vectors projected on their first ``dims`` principal axes."""
     dims = min(dims, x.shape[1], x.shape[0] - 2)
     if dims < 1:
         return {}
@@ -111,7 +116,21 @@ def multivariate_normality(x: np.ndarray, dims: int, seed: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = pingouin.multivariate_normality(reduced, alpha=ALPHA)
-    return dict(hz_n=x.shape[0], hz_dims=dims, hz_stat=float(result.hz), hz_p=float(result.pval))
+    return dict(hz_n=x.shape[0], hz_dims=dims, hz_stat=float(result.hz), hz_p=float(result.pval),
+                **energy_normality(reduced, seed))
+
+
+def energy_normality(x: np.ndarray, seed: int, resamples: int = ENERGY_RESAMPLES) -> dict:
+    """Energy test of multivariate normality: dcor's two-sample energy test (Szekely-Rizzo energy distance,
+    permutation p-value) of the rows of ``x`` against as many draws from the Gaussian with their sample mean and
+    covariance. The energy distance is zero only for equal distributions, so it sees any departure (tails,
+    skew, several modes); fitting the Gaussian to the data first makes the test conservative."""
+    import dcor
+
+    rng = np.random.default_rng(seed)
+    reference = rng.multivariate_normal(x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False)), size=len(x))
+    result = dcor.homogeneity.energy_test(x, reference, num_resamples=resamples, random_state=seed)
+    return dict(energy_stat=float(result.statistic), energy_p=float(result.pvalue))
 
 
 @threadpool_limits.wrap(limits=1)  # small matrices: BLAS threads only add synchronisation
@@ -149,7 +168,7 @@ def analyse_trajectories(
 @threadpool_limits.wrap(limits=1)
 def pooled_multivariate(files: list[Path], orders: Iterable[int] = ORDERS, stride: int = 1, pca_dims: int = 5,
                         step_every: int = 1, seed: int = 0, progress: bool = True) -> pd.DataFrame:
-    """Henze-Zirkler on the token vectors of every run together, per (series, step, order).
+    """Henze-Zirkler and the energy test on the token vectors of every run together, per (series, step, order).
 
     One run of a small model has few tokens (16 image tokens on the 64 px testbed), which leaves the
     per-run test little power to reject; pooling the runs (prompts and seeds) gives it more. Series
@@ -178,7 +197,9 @@ def pooled_multivariate(files: list[Path], orders: Iterable[int] = ORDERS, strid
                 continue
             result = multivariate_normality(x, pca_dims, seed)
             rows.append(dict(series=info.label, block=info.block, module=info.module, output=info.output, step=step,
-                             order=order, runs=len(parts), **{k.replace("hz_", "hz_pooled_"): v for k, v in result.items()}))
+                             order=order, runs=len(parts),
+                             **{k.replace("hz_", "hz_pooled_").replace("energy_", "energy_pooled_"): v
+                                for k, v in result.items()}))
     return pd.DataFrame(rows)
 
 
@@ -193,7 +214,7 @@ def summarise(rows: pd.DataFrame, pooled: pd.DataFrame | None = None, alpha: flo
         for col in ("excess_kurtosis", "channel_kurtosis_median", "skew", "t_dof"):
             if col in group:
                 row[f"{col}_median"] = float(group[col].median())
-        for test in ("dagostino_p", "shapiro_p", "anderson_p", "hz_p"):
+        for test in ("dagostino_p", "shapiro_p", "anderson_p", "hz_p", "energy_p"):
             if test in group and group[test].notna().any():
                 row[f"{test.removesuffix('_p')}_pass"] = float((group[test].dropna() > alpha).mean())
         if "best_fit" in group:
@@ -206,6 +227,8 @@ def summarise(rows: pd.DataFrame, pooled: pd.DataFrame | None = None, alpha: flo
             if len(match):
                 row["hz_pooled_n"] = int(match["hz_pooled_n"].median())
                 row["hz_pooled_pass"] = float((match["hz_pooled_p"] > alpha).mean())
+                if "energy_pooled_p" in match:
+                    row["energy_pooled_pass"] = float((match["energy_pooled_p"] > alpha).mean())
         out.append(row)
     return pd.DataFrame(out)
 
@@ -317,7 +340,8 @@ def write_report(rows: pd.DataFrame, summary: pd.DataFrame, out_dir: Path, sourc
         "",
         f"`*_pass` = share of steps where the test does NOT reject normality at alpha={ALPHA} "
         "(D'Agostino-Pearson, Shapiro-Wilk, Anderson-Darling on element subsamples; Henze-Zirkler on PCA-reduced "
-        "token vectors of one run; `hz_pooled` on the token vectors of all runs together, n = `hz_pooled_n`). "
+        "token vectors of one run, `energy` the energy test on the same vectors; `hz_pooled`/`energy_pooled` on the "
+        "token vectors of all runs together, n = `hz_pooled_n`). "
         "`best_*` = share of steps where that family has the lowest AIC. Excess kurtosis is 0 for a Gaussian, 3 for "
         "a Laplace; `t_dof_median` is the fitted Student-t degrees of freedom (large = Gaussian-like tails).",
         "",

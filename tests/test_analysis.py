@@ -72,6 +72,17 @@ def test_henze_zirkler_accepts_gaussian_and_rejects_heavy_tails():
     assert gaussianity.multivariate_normality(heavy, dims=5, seed=0)["hz_p"] < 1e-3
 
 
+def test_energy_test_accepts_gaussian_and_rejects_heavy_tails_and_two_modes():
+    rng = np.random.default_rng(1)
+    mixing = rng.standard_normal((32, 32))
+    gaussian = rng.standard_normal((300, 32)) @ mixing
+    heavy = rng.standard_t(2, size=(300, 32)) @ mixing
+    two_modes = np.concatenate([rng.standard_normal((150, 32)) - 3, rng.standard_normal((150, 32)) + 3]) @ mixing
+    assert gaussianity.multivariate_normality(gaussian, dims=5, seed=0)["energy_p"] > 0.05
+    assert gaussianity.multivariate_normality(heavy, dims=5, seed=0)["energy_p"] <= 0.01
+    assert gaussianity.energy_normality(two_modes[:, :3], seed=0)["energy_p"] <= 0.01
+
+
 def test_linear_trajectory_is_forecast_exactly_by_taylor_but_not_by_fora():
     series, _ = polynomial_series([1.0, 0.3], num_steps=20)
     cached = [s for s in range(20) if not Schedule(interval=4, warmup=3).is_full(s, 20)]
@@ -112,7 +123,8 @@ def test_gaussianity_cli_writes_report_and_figures(runs, tmp_path):
     # the pooled test sees the token vectors of both runs
     pooled = pd.read_csv(tmp_path / "gaussianity_pooled_hz.csv")
     assert (pooled["runs"] == 2).all() and (pooled["hz_pooled_n"] == 2 * rows["hz_n"].max()).all()
-    assert summary["hz_pooled_pass"].between(0, 1).all()
+    assert summary["hz_pooled_pass"].between(0, 1).all() and summary["energy_pooled_pass"].between(0, 1).all()
+    assert rows["energy_p"].between(0, 1).all() and summary["energy_pass"].between(0, 1).all()
     assert "| block" in (tmp_path / "gaussianity.md").read_text()
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {"hist_p000_s0.png", "qq_p000_s0.png", "kurtosis_heatmap.png"}
 

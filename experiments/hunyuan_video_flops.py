@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 import hicache
+from hicache.app.speed import flops_table
 
 # The rows of conf/experiment/hunyuan_video_table.yaml: (label, CacheConfig keyword arguments).
 TABLE_ROWS = (
@@ -100,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                      "ideal_speedup": args.steps / full})
     print(f"HunyuanVideo transformer, {args.width}x{args.height}, {args.frames} frames, "
           f"{args.text_tokens} text tokens, {args.steps} steps (FlopCounterMode on the meta device)\n")
-    print("| Method | Full steps | Transformer PFLOPs | FLOPs speedup | Ideal (steps / full) |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['full_steps']} | {r['tflops'] / 1e3:.1f} | {r['flops_speedup']:.2f}x "
-              f"| {r['ideal_speedup']:.2f}x |")
+    print(flops_table(rows, ["method", "full_steps", "tflops", "flops_speedup", "ideal_speedup"]))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)

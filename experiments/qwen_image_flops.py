@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 import hicache
+from hicache.app.speed import flops_table
 from hicache.schedule import Schedule, same_cost_steps
 
 # The rows of conf/experiment/qwen_image_table.yaml: (label, CacheConfig keyword arguments); step reduction runs
@@ -162,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(cond/uncond), {args.steps} steps, {calls} per step; FlopCounterMode on the meta device; "
           f"cache peak with {args.factor_dtype} factors"
           + ("" if args.full_depth else f"; counted with 1 and 2 blocks, extrapolated to {layers}") + "\n")
-    print("| Method | Steps | Full steps | Transformer PFLOPs | FLOPs speedup | Ideal (steps / full) | Cache (GiB) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['steps']} | {r['full_steps']} | {r['tflops'] / 1e3:.1f} | {r['flops_speedup']:.2f}x "
-              f"| {r['ideal_speedup']:.2f}x | {r['cache_gib']:.1f} |")
+    print(flops_table(rows, ["method", "steps", "full_steps", "tflops", "flops_speedup", "ideal_speedup", "cache_gib"]))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)

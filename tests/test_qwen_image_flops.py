@@ -72,3 +72,14 @@ def test_cache_memory_is_the_official_layout():
         per_branch_tokens = {"cond": image_tokens * 2 + 7 * 2, "uncond": image_tokens * 2 + 3 * 2}
         expected = sum(per_branch_tokens.values()) * 2 * (order + 1) * width * size  # x 2 blocks
         assert factor_bytes == expected and expected < cache_bytes < 1.2 * expected
+
+
+def test_flops_table_prints_the_readme_rows():
+    from hicache.app.speed import flops_table
+
+    row = dict(method="HiCache N=7 O=3 σ=0.5", steps=50, full_steps=9, tflops=2324.1, flops_speedup=5.551,
+               ideal_speedup=50 / 9, cache_gib=38.04)
+    lines = flops_table([row], ["method", "steps", "full_steps", "tflops", "flops_speedup", "ideal_speedup",
+                                "cache_gib"]).splitlines()
+    assert lines[0] == "| Method | Steps | Full steps | Transformer PFLOPs | FLOPs speedup | Ideal (steps / full) | Cache (GiB) |"
+    assert lines[2] == "| HiCache N=7 O=3 σ=0.5 | 50 | 9 | 2.3 | 5.55x | 5.56x | 38.0 |"

@@ -72,3 +72,26 @@ def count_transformer_flops(transformer: torch.nn.Module):
         post.remove()
         while modes:
             modes.pop().__exit__(None, None, None)
+
+
+# Columns of the FLOPs scripts' Markdown tables (experiments/*_flops.py): header and cell format of each row key.
+FLOPS_COLUMNS = {
+    "method": ("Method", "{}"),
+    "steps": ("Steps", "{}"),
+    "full_steps": ("Full steps", "{}"),
+    "tflops": ("Transformer PFLOPs", lambda v: f"{v / 1e3:.1f}"),
+    "flops_speedup": ("FLOPs speedup", "{:.2f}x"),
+    "ideal_speedup": ("Ideal (steps / full)", "{:.2f}x"),
+    "cache_gib": ("Cache (GiB)", "{:.1f}"),
+}
+
+
+def flops_table(rows: list[dict], keys: list[str]) -> str:
+    """The Markdown table of FLOPs rows (dicts with the `FLOPS_COLUMNS` keys), with the columns ``keys``."""
+    def cell(key, value):
+        fmt = FLOPS_COLUMNS[key][1]
+        return fmt(value) if callable(fmt) else fmt.format(value)
+
+    lines = ["| " + " | ".join(FLOPS_COLUMNS[k][0] for k in keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(k, r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)

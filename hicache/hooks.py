@@ -126,11 +126,12 @@ class StepHook(ModelHook):
 
     @torch.compiler.disable
     def after_forward(self, module: torch.nn.Module, args, kwargs, output) -> None:
-        """The root's forward hook: notes the cache's memory after every step (here, outside any compiled block:
+        """The root's forward hook: notes the cache's memory after every full step (here, outside any compiled block:
         a byte count read inside one would be a guarded constant), and after the last step of a known step count
         releases the context's history, so the memory of the factors is free again before the VAE decode."""
         state: StepState = self.state_manager.get_state()
-        self.on_step_end(self.state_manager.context.name)
+        if state.is_full:  # only a full step changes what the histories hold
+            self.on_step_end(self.state_manager.context.name)
         if state.num_steps is not None and state.step == state.num_steps - 1:
             self.on_last_step(self.state_manager.context.name)
 

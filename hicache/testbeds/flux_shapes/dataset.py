@@ -11,11 +11,13 @@ held-out caption and the split needs no stored list.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import zlib
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -259,9 +261,6 @@ def heldout_captions(n: int = 64, seed: int = 0, variation: Variation | None = N
 
 def variation_of(folder) -> Variation:
     """The data `Variation` a testbed pipeline folder was trained on (its `testbed.json`; none: the default)."""
-    import json
-    from pathlib import Path
-
     path = Path(folder) / "testbed.json"
     if not path.is_file():
         return DEFAULT_VARIATION

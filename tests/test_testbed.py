@@ -166,3 +166,23 @@ def test_clouds_vary_the_background_smoothly_and_leave_the_caption_and_checker_a
     a, b = (np.asarray(render(s), dtype=np.float32) for s in (plain[0], clouded[0]))
     assert np.abs(a - b).mean() > 2 and (b <= a + 1).all()  # darkening only
     assert accuracy([check(render(s), s.caption) for s in clouded]) >= 0.95
+
+
+def test_cloud_octaves_reach_finer_detail_and_survive_the_testbed_json(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from hicache.testbeds.flux_shapes.dataset import Clouds, Variation, clouds_field, variation_of
+
+    def fine_energy(field):  # energy left after a 4x4 box blur: detail finer than the x8 VAE's 8 px cells
+        blurred = field.reshape(16, 4, 16, 4).mean(axis=(1, 3)).repeat(4, 0).repeat(4, 1)
+        return float(((field - blurred) ** 2).mean())
+
+    coarse = [fine_energy(clouds_field(Clouds(s, 0.3), 64)) for s in range(20)]
+    fine = [fine_energy(clouds_field(Clouds(s, 0.3, (2, 4, 8, 16)), 64)) for s in range(20)]
+    assert np.mean(fine) > 1.15 * np.mean(coarse)  # 1/f: the 16-cell octave carries 1/8 of the amplitude
+    v = Variation(clouds=0.3, cloud_octaves=[2, 4, 8, 16])  # as Hydra passes it
+    assert v.cloud_octaves == (2, 4, 8, 16) and training_scene(4, 0, v).clouds.octaves == (2, 4, 8, 16)
+    (tmp_path / "testbed.json").write_text(json.dumps({"data": asdict(v)}))
+    assert variation_of(tmp_path) == v
+    assert training_scene(4, 0, Variation(clouds=0.3)).clouds.octaves == (2, 4, 8)  # older folders keep their data

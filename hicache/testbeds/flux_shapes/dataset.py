@@ -91,6 +91,8 @@ class Variation:
         clouds: amplitude of a smooth random brightness field on the background (octaves of 2 to 8 cells
             with 1/f amplitudes, the spectrum of natural images, coarse enough for the x8 VAE to keep): coarse
             octaves are decided early in sampling and fine ones late, as a real image's details are; 0 is none.
+        cloud_octaves: the clouds' grid sizes, in cells across the image; (2, 4, 8, 16) reaches every latent
+            pixel of the x4 VAE (16 across), as (2, 4, 8) does the x8 VAE's.
     """
 
     jitter: float = JITTER
@@ -100,6 +102,10 @@ class Variation:
     unsaid_position: float = 0.0
     unsaid_style: float = 0.0
     clouds: float = 0.0
+    cloud_octaves: tuple[int, ...] = (2, 4, 8)
+
+    def __post_init__(self):
+        object.__setattr__(self, "cloud_octaves", tuple(int(c) for c in self.cloud_octaves))  # from a config list
 
     @property
     def leaves_unsaid(self) -> bool:
@@ -147,6 +153,7 @@ class Clouds:
 
     seed: int
     amplitude: float
+    octaves: tuple[int, ...] = (2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -218,7 +225,7 @@ def random_scene(rng: np.random.Generator, num_shapes: int | None = None, variat
             side = float(rng.uniform(0.15, 0.6))
             top, left = (float(v) for v in rng.uniform(0, 1 - side, size=2))
             texture = Texture(TEXTURE_IMAGES[rng.integers(len(TEXTURE_IMAGES))], top, left, side, variation.texture)
-        clouds = Clouds(int(rng.integers(2**31)), variation.clouds) if variation.clouds else None
+        clouds = Clouds(int(rng.integers(2**31)), variation.clouds, variation.cloud_octaves) if variation.clouds else None
         says_style = True
         if variation.leaves_unsaid:  # extra draws only then: the default stream stays as it was
             shapes = tuple(
@@ -343,19 +350,16 @@ def texture_field(texture: Texture, size: int) -> np.ndarray:
     return 1.0 + texture.amplitude * z
 
 
-CLOUD_OCTAVES = (2, 4, 8)  # grid cells across the image; 8 is one cell per latent pixel of the x8 VAE
-
-
 def clouds_field(clouds: Clouds, size: int) -> np.ndarray:
-    """Brightness factors (size, size): octaves of Gaussian noise on 2..8-cell grids, bicubically upsampled,
+    """Brightness factors (size, size): octaves of Gaussian noise on `clouds.octaves`-cell grids, bicubically upsampled,
     each weighted by its cell size (a 1/f spectrum), then normalised as `texture_field` (rows keep their median;
     darkening only, by at most 2 * amplitude) so the checker still reads the background."""
     rng = np.random.default_rng(clouds.seed)
     z = np.zeros((size, size), dtype=np.float32)
-    for cells in CLOUD_OCTAVES:
+    for cells in clouds.octaves:
         grid = rng.standard_normal((cells, cells)).astype(np.float32)
         up = np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC), dtype=np.float32)
-        z += up * CLOUD_OCTAVES[0] / cells
+        z += up * clouds.octaves[0] / cells
     z = z - np.median(z, axis=1, keepdims=True)
     z = np.clip(z / max(float(z.std()), 1e-3), -2.0, 0.0)
     return 1.0 + clouds.amplitude * z

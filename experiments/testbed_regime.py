@@ -19,6 +19,7 @@ conditions (a) and (b), prints the checker accuracy of the reference for (c), an
     python experiments/testbed_regime.py                          # the shipped testbed, 16 captions
     python experiments/testbed_regime.py --quick                  # pilot: 8 captions, N in {7, 16}
     python experiments/testbed_regime.py --testbed /path/to/pipeline --prompts 32 --name mine
+    python experiments/testbed_regime.py --mu 1.15                # sampled at FLUX.1-dev's 1024 px shift
 """
 
 from __future__ import annotations
@@ -140,6 +141,15 @@ def paired(a, b, seed: int = 0) -> dict:
     return paired_stats([float(x) for x in a], [float(y) for y in b], seed)
 
 
+def with_shift(scheduler, mu: float):
+    """The FLUX scheduler with its shift exponent fixed at `mu` for every image size.
+
+    FluxPipeline interpolates mu linearly in the token count between base_shift (256 tokens) and
+    max_shift (4096), so a 16-token testbed samples at mu 0.46 (shift 1.6) where FLUX.1-dev at 1024 px
+    samples at 1.15 (shift 3.2); with base_shift == max_shift the interpolation returns mu everywhere."""
+    return type(scheduler).from_config(scheduler.config, base_shift=mu, max_shift=mu)
+
+
 def checker_accuracy(images, captions) -> float | None:
     """The shapes checker's attribute accuracy, or None when the captions are not in its grammar."""
     from hicache.testbeds.flux_shapes import accuracy, check
@@ -251,6 +261,7 @@ def markdown(result: dict, title: str) -> str:
     rule = "|---|" + "---|" * len(intervals)
     lines = [f"# Regime: {title}", "",
              f"{result['prompts']} held-out captions, {result['steps']} steps, call {result['call_kwargs']}, "
+             f"schedule shift exponent {result['args'].get('mu') or 'the scheduler default'}, "
              f"{result['reference_seconds_per_image']:.3f} s per reference image, {result['minutes']:.1f} min in all.", "",
              "## PSNR vs the uncached output (dB, mean over prompts)", "", head, rule]
     for name in names:
@@ -327,6 +338,9 @@ def main(argv=None) -> Path:
     parser.add_argument("--true-cfg", type=float, default=None,
                         help="true classifier-free guidance scale (default: the testbed's PIPELINE_CALL_KWARGS)")
     parser.add_argument("--resolution", type=int, default=None, help="image size (default: the testbed's)")
+    parser.add_argument("--mu", type=float, default=None,
+                        help="the schedule's shift exponent at any size (FLUX.1-dev at 1024 px: 1.15, shift e^1.15 = 3.16); "
+                             "default: the testbed scheduler's own, which FLUX's rule puts at 0.46 for 16 tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=16, help="captions per pipeline call")
     parser.add_argument("--threads", type=int, default=1)
@@ -345,6 +359,8 @@ def main(argv=None) -> Path:
 
     pipe = load_pipeline(args.testbed) if args.testbed else load_pipeline()
     pipe.set_progress_bar_config(disable=True)
+    if args.mu is not None:
+        pipe.scheduler = with_shift(pipe.scheduler, args.mu)
     call_kwargs = dict(PIPELINE_CALL_KWARGS)
     if args.true_cfg is not None:
         call_kwargs["true_cfg_scale"] = args.true_cfg

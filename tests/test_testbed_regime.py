@@ -57,3 +57,21 @@ def test_paired_counts_wins_and_brackets_the_mean():
 def test_full_step_count_matches_the_issue():
     regime = _regime_module()
     assert [regime.full_step_count(n, 50) for n in (7, 16, 24)] == [9, 5, 4]
+
+
+@pytest.mark.parametrize("tokens", [16, 64, 4096])
+def test_with_shift_samples_at_one_shift_exponent_for_every_size(tokens):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    regime = _regime_module()
+    base = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    sched = regime.with_shift(base, 1.15)
+    c = sched.config
+    mu = calculate_shift(tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    assert mu == pytest.approx(1.15)
+    s = np.linspace(1.0, 1 / 50, 50)
+    sched.set_timesteps(sigmas=s, mu=mu)
+    shift = np.exp(1.15)
+    np.testing.assert_allclose(sched.sigmas[:-1].numpy(), shift * s / (1 + (shift - 1) * s), rtol=1e-5)
+    assert base.config.base_shift == 0.5  # the testbed's own scheduler is untouched

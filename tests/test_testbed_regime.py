@@ -75,3 +75,19 @@ def test_with_shift_samples_at_one_shift_exponent_for_every_size(tokens):
     shift = np.exp(1.15)
     np.testing.assert_allclose(sched.sigmas[:-1].numpy(), shift * s / (1 + (shift - 1) * s), rtol=1e-5)
     assert base.config.base_shift == 0.5  # the testbed's own scheduler is untouched
+
+
+def test_stretch_report_on_a_tiny_pipeline(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("testbed_stretches", REPO / "experiments" / "testbed_stretches.py")
+    stretches = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stretches)
+    full, gaps = stretches.stretches(16, 50)
+    assert full == [0, 1, 2, 18, 34] and [(g.start, g.stop) for g in gaps] == [(3, 18), (19, 34), (35, 50)]
+    folder = save_tiny_flux_pipeline(tmp_path / "tiny")
+    text = stretches.main(["--testbed", str(folder), "--interval", "4", "--steps", "10", "--prompts", "2",
+                           "--resolution", "16"])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [r.split(" | ")[0] for r in rows] == ["| TaylorSeer O=2", "| HiCache O=2 s=0.5", "| FORA"]
+    assert "only 3-5 cached" in text and "only 7-9 cached" in text and "4-step sampler" in text
+    cells = [float(c) for r in rows for c in r.strip("| ").split(" | ")[1:]]
+    assert len(cells) == 9 and all(np.isfinite(cells))

@@ -186,3 +186,19 @@ def test_cloud_octaves_reach_finer_detail_and_survive_the_testbed_json(tmp_path)
     (tmp_path / "testbed.json").write_text(json.dumps({"data": asdict(v)}))
     assert variation_of(tmp_path) == v
     assert training_scene(4, 0, Variation(clouds=0.3)).clouds.octaves == (2, 4, 8)  # older folders keep their data
+
+
+def test_training_timestep_shift_is_the_schedulers_shift():
+    import math
+
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from hicache.testbeds.flux_shapes.train import shift_timesteps
+
+    t = torch.linspace(0.02, 0.98, 25, dtype=torch.float64)
+    assert torch.equal(shift_timesteps(t, 1.0), t)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    expected = sched.time_shift(1.15, 1.0, t)  # what FLUX samples at mu 1.15
+    torch.testing.assert_close(shift_timesteps(t, math.exp(1.15)), expected)
+    assert (shift_timesteps(t, 3.16) > t).all()  # more of training at high noise

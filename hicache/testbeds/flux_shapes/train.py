@@ -41,6 +41,12 @@ def images_to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The flow-matching time shift FLUX samples with (noise level t = 1 at pure noise): more time at high
+    noise for shift > 1, the same map FlowMatchEulerDiscreteScheduler applies to its sigmas."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
 def _cosine_lr(step: int, total: int, warmup: int, time_progress: float = 0.0) -> float:
     """Linear warm-up, then cosine decay over the larger of step and wall-clock progress, so a run
     stopped by its time limit still ends at a low learning rate."""
@@ -76,6 +82,7 @@ class TransformerStageConfig:
     caption_dropout: float = 0.0  # fraction of captions replaced by the empty prompt (for true CFG at inference)
     log_every: int = 20
     time_limit_minutes: float | None = None  # safety stop on a shared machine; the LR decays by time too (not step-exact then)
+    timestep_shift: float = 1.0  # s: t -> s t / (1 + (s - 1) t) after the logit-normal draw, FLUX's shift (3.16 at 1024 px)
 
 
 def train_vae(vae, data: ShapesDataset, cfg: VAEStageConfig, log: Logger, start_index: int = 0) -> dict[str, float]:
@@ -205,7 +212,7 @@ def train_transformer(pipe, data: ShapesDataset, cfg: TransformerStageConfig, lo
             dropped = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
             ids = torch.where(dropped[:, None], empty_ids, ids)
         noise = torch.randn(x0.shape, generator=generator)
-        t = torch.sigmoid(torch.randn(cfg.batch_size, generator=generator))  # logit-normal, as SD3/FLUX
+        t = shift_timesteps(torch.sigmoid(torch.randn(cfg.batch_size, generator=generator)), cfg.timestep_shift)  # logit-normal, as SD3/FLUX
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         with torch.set_grad_enabled(cfg.train_text_encoders):
             sequence, pooled = encode_text(pipe, ids)

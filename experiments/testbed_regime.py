@@ -147,6 +147,9 @@ def with_shift(scheduler, mu: float):
     FluxPipeline interpolates mu linearly in the token count between base_shift (256 tokens) and
     max_shift (4096), so a 16-token testbed samples at mu 0.46 (shift 1.6) where FLUX.1-dev at 1024 px
     samples at 1.15 (shift 3.2); with base_shift == max_shift the interpolation returns mu everywhere."""
+    if not scheduler.config.get("use_dynamic_shifting"):
+        raise ValueError(f"--mu needs a scheduler with use_dynamic_shifting (FLUX's); {type(scheduler).__name__} "
+                         f"here shifts by its fixed shift={scheduler.config.get('shift')}")
     return type(scheduler).from_config(scheduler.config, base_shift=mu, max_shift=mu)
 
 
@@ -261,7 +264,7 @@ def markdown(result: dict, title: str) -> str:
     rule = "|---|" + "---|" * len(intervals)
     lines = [f"# Regime: {title}", "",
              f"{result['prompts']} held-out captions, {result['steps']} steps, call {result['call_kwargs']}, "
-             f"schedule shift exponent {result['args'].get('mu') or 'the scheduler default'}, "
+             f"schedule shift exponent {'the scheduler default' if result['args'].get('mu') is None else result['args']['mu']}, "
              f"{result['reference_seconds_per_image']:.3f} s per reference image, {result['minutes']:.1f} min in all.", "",
              "## PSNR vs the uncached output (dB, mean over prompts)", "", head, rule]
     for name in names:
@@ -360,7 +363,10 @@ def main(argv=None) -> Path:
     pipe = load_pipeline(args.testbed) if args.testbed else load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     if args.mu is not None:
-        pipe.scheduler = with_shift(pipe.scheduler, args.mu)
+        try:
+            pipe.scheduler = with_shift(pipe.scheduler, args.mu)
+        except ValueError as err:
+            parser.error(str(err))
     call_kwargs = dict(PIPELINE_CALL_KWARGS)
     if args.true_cfg is not None:
         call_kwargs["true_cfg_scale"] = args.true_cfg

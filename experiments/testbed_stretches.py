@@ -59,7 +59,10 @@ def main(argv=None) -> str:
     pipe = load_pipeline(args.testbed) if args.testbed else load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     if args.mu is not None:
-        pipe.scheduler = regime.with_shift(pipe.scheduler, args.mu)
+        try:
+            pipe.scheduler = regime.with_shift(pipe.scheduler, args.mu)
+        except ValueError as err:
+            parser.error(str(err))
     kwargs = dict(PIPELINE_CALL_KWARGS)
     if args.resolution is not None:
         kwargs.update(height=args.resolution, width=args.resolution)

@@ -202,3 +202,23 @@ def test_training_timestep_shift_is_the_schedulers_shift():
     expected = sched.time_shift(1.15, 1.0, t)  # what FLUX samples at mu 1.15
     torch.testing.assert_close(shift_timesteps(t, math.exp(1.15)), expected)
     assert (shift_timesteps(t, 3.16) > t).all()  # more of training at high noise
+
+
+def test_bad_cloud_octaves_and_timestep_shift_stop_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hicache.testbeds.flux_shapes.dataset import Variation
+
+    for bad in ([], [0, 4], [2.5]):
+        with pytest.raises(ValueError, match="cloud_octaves"):
+            Variation(clouds=0.3, cloud_octaves=bad)
+    repo = Path(__file__).resolve().parents[1]
+    for override in ("train.data.cloud_octaves=[]", "train.transformer.timestep_shift=0"):
+        result = subprocess.run([sys.executable, "run.py", "experiment=testbed_train", override, "train.wandb.mode=disabled",
+                                 f"train.out_dir={tmp_path / 'out'}", f"paths.outputs={tmp_path}"],
+                                cwd=repo, capture_output=True, text=True, timeout=300)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith("error: train: ") and override.split(".")[-1].split("=")[0] in lines[0]

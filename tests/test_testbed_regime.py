@@ -91,3 +91,21 @@ def test_stretch_report_on_a_tiny_pipeline(tmp_path, capsys):
     assert "only 3-5 cached" in text and "only 7-9 cached" in text and "4-step sampler" in text
     cells = [float(c) for r in rows for c in r.strip("| ").split(" | ")[1:]]
     assert len(cells) == 9 and all(np.isfinite(cells))
+
+
+def test_mu_is_named_in_the_report_and_refused_without_dynamic_shifting(tmp_path, capsys):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    regime = _regime_module()
+    with pytest.raises(ValueError, match="use_dynamic_shifting"):
+        regime.with_shift(FlowMatchEulerDiscreteScheduler(shift=3.0), 1.15)
+    folder = save_tiny_flux_pipeline(tmp_path / "tiny")
+    args = ["--testbed", str(folder), "--prompts", "1", "--steps", "6", "--intervals", "3", "--sigmas", "0.5",
+            "--straightness-steps", "2", "--resolution", "16", "--batch", "1", "--mu", "0", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):  # the tiny pipeline's scheduler has a fixed shift: --mu would be ignored
+        regime.main(args)
+    assert "use_dynamic_shifting" in capsys.readouterr().err
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "use_dynamic_shifting": True}))
+    out = regime.main([*args, "--name", "mu0"])
+    assert "schedule shift exponent 0.0," in (out / "regime.md").read_text()  # 0 is a shift, not "the default"

@@ -54,8 +54,12 @@ def _export(source: Path, export_dir: str | None, ignore=None) -> None:
 def _train_flux_shapes(cfg: DictConfig) -> dict:
     import wandb
 
-    from hicache.testbeds.flux_shapes.train import run
+    from hicache.testbeds.flux_shapes.train import run, stage_configs
 
+    try:  # a bad knob stops in one line, before a W&B run or a model exists
+        stage_configs(cfg)
+    except ValueError as err:
+        raise SetupError(f"train: {err}") from err
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     wb = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode, dir=str(out_dir),

@@ -69,6 +69,9 @@ VOCABULARY = sorted(
 TEXTURE_IMAGES = ("brick", "grass", "gravel", "camera", "moon", "coins", "astronaut", "coffee", "chelsea", "rocket")
 
 
+CLOUD_OCTAVES = (2, 4, 8)  # grid cells across the image; 8 is one cell per latent pixel of the x8 VAE
+
+
 @dataclass(frozen=True)
 class Variation:
     """What a scene varies that its caption does not say (issue 16).
@@ -88,7 +91,7 @@ class Variation:
             uniformly). Real captions leave most of an image unsaid, so the model must pick a mode
             from the noise, which is what bends a real model's sampling path; the checker scores only
             what a caption says.
-        clouds: amplitude of a smooth random brightness field on the background (octaves of 2 to 8 cells
+        clouds: amplitude of a smooth random brightness field on the background (octaves of `cloud_octaves` cells
             with 1/f amplitudes, the spectrum of natural images, coarse enough for the x8 VAE to keep): coarse
             octaves are decided early in sampling and fine ones late, as a real image's details are; 0 is none.
         cloud_octaves: the clouds' grid sizes, in cells across the image; (2, 4, 8, 16) reaches every latent
@@ -102,10 +105,13 @@ class Variation:
     unsaid_position: float = 0.0
     unsaid_style: float = 0.0
     clouds: float = 0.0
-    cloud_octaves: tuple[int, ...] = (2, 4, 8)
+    cloud_octaves: tuple[int, ...] = CLOUD_OCTAVES
 
     def __post_init__(self):
-        object.__setattr__(self, "cloud_octaves", tuple(int(c) for c in self.cloud_octaves))  # from a config list
+        octaves = tuple(self.cloud_octaves)  # a config passes a list
+        if not octaves or any(not float(c).is_integer() or c < 1 for c in octaves):
+            raise ValueError(f"cloud_octaves must be grid sizes (whole numbers >= 1), at least one; got {list(octaves)}")
+        object.__setattr__(self, "cloud_octaves", tuple(int(c) for c in octaves))
 
     @property
     def leaves_unsaid(self) -> bool:
@@ -153,7 +159,7 @@ class Clouds:
 
     seed: int
     amplitude: float
-    octaves: tuple[int, ...] = (2, 4, 8)
+    octaves: tuple[int, ...] = CLOUD_OCTAVES
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,10 @@ class TransformerStageConfig:
     time_limit_minutes: float | None = None  # safety stop on a shared machine; the LR decays by time too (not step-exact then)
     timestep_shift: float = 1.0  # s: t -> s t / (1 + (s - 1) t) after the logit-normal draw, FLUX's shift (3.16 at 1024 px)
 
+    def __post_init__(self):
+        if not self.timestep_shift > 0:
+            raise ValueError(f"timestep_shift must be > 0 (1 is no shift, FLUX at 1024 px 3.16); got {self.timestep_shift}")
+
 
 def train_vae(vae, data: ShapesDataset, cfg: VAEStageConfig, log: Logger, start_index: int = 0) -> dict[str, float]:
     """Fit the VAE, then set its latent shift/scale; returns the final losses and PSNR."""
@@ -273,12 +277,23 @@ def checker_accuracy(images, captions) -> float:
     return accuracy([check(im, cap) for im, cap in zip(images, captions)])
 
 
+def stage_configs(cfg: Any) -> tuple[Variation, VAEStageConfig, TransformerStageConfig]:
+    """The data variation and the two stages' settings of a composed `train` config; ValueError names a bad knob."""
+    from omegaconf import OmegaConf
+
+    variation = Variation(**OmegaConf.to_container(cfg.data, resolve=True)) if cfg.get("data") else Variation()
+    vae_cfg = VAEStageConfig(**OmegaConf.to_container(cfg.vae, resolve=True))
+    tr_cfg = TransformerStageConfig(**OmegaConf.to_container(cfg.transformer, resolve=True))
+    return variation, vae_cfg, tr_cfg
+
+
 def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:
     """The whole training run, from the composed config; writes `out_dir/pipeline` and sample grids."""
     from omegaconf import DictConfig, OmegaConf
 
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
+    variation, vae_cfg, tr_cfg = stage_configs(cfg)
     torch.manual_seed(cfg.seed)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     sizes = TestbedSizes(**{k: tuple(v) if isinstance(v, list) else v for k, v in model.items()})
@@ -290,11 +305,8 @@ def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:
     else:
         pipe = build_pipeline(sizes, seed=cfg.seed)
     pipe.set_progress_bar_config(disable=True)
-    variation = Variation(**OmegaConf.to_container(cfg.data, resolve=True)) if cfg.get("data") else Variation()
     data = ShapesDataset(seed=cfg.seed, variation=variation)
     cap = cfg.max_steps
-    vae_cfg = VAEStageConfig(**OmegaConf.to_container(cfg.vae, resolve=True))
-    tr_cfg = TransformerStageConfig(**OmegaConf.to_container(cfg.transformer, resolve=True))
     if cap is not None:
         vae_cfg.steps, tr_cfg.steps = min(vae_cfg.steps, cap), min(tr_cfg.steps, cap)
         vae_cfg.stats_images = min(vae_cfg.stats_images, cap * vae_cfg.batch_size)

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import hicache
 from hicache.app.metrics.fidelity import psnr, ssim
+from hicache.testbeds.flux_shapes.build import with_shift  # noqa: F401  (also testbed_stretches.py and the tests use it from here)
 
 INTERVALS = (5, 7, 9, 13, 16)
 SIGMAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -141,16 +142,24 @@ def paired(a, b, seed: int = 0) -> dict:
     return paired_stats([float(x) for x in a], [float(y) for y in b], seed)
 
 
-def with_shift(scheduler, mu: float):
-    """The FLUX scheduler with its shift exponent fixed at `mu` for every image size.
+def effective_mu(pipe, height: int, width: int) -> float | None:
+    """The shift exponent FluxPipeline will sample this size at (None: a scheduler with a fixed shift)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    FluxPipeline interpolates mu linearly in the token count between base_shift (256 tokens) and
-    max_shift (4096), so a 16-token testbed samples at mu 0.46 (shift 1.6) where FLUX.1-dev at 1024 px
-    samples at 1.15 (shift 3.2); with base_shift == max_shift the interpolation returns mu everywhere."""
-    if not scheduler.config.get("use_dynamic_shifting"):
-        raise ValueError(f"--mu needs a scheduler with use_dynamic_shifting (FLUX's); {type(scheduler).__name__} "
-                         f"here shifts by its fixed shift={scheduler.config.get('shift')}")
-    return type(scheduler).from_config(scheduler.config, base_shift=mu, max_shift=mu)
+    config = pipe.scheduler.config
+    if not config.get("use_dynamic_shifting"):
+        return None
+    patch = pipe.vae_scale_factor * 2  # latent pixels per token side: the VAE's factor times FLUX's 2x2 packing
+    tokens = (height // patch) * (width // patch)
+    return float(calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                 config.get("base_shift", 0.5), config.get("max_shift", 1.15)))
+
+
+def _mu_text(result: dict) -> str:
+    mu, asked = result.get("mu"), result["args"].get("mu")
+    if asked is not None:
+        return f"{asked} (--mu)"
+    return "fixed by the scheduler's shift" if mu is None else f"{mu:.3g} (the scheduler's own)"
 
 
 def checker_accuracy(images, captions) -> float | None:
@@ -264,7 +273,7 @@ def markdown(result: dict, title: str) -> str:
     rule = "|---|" + "---|" * len(intervals)
     lines = [f"# Regime: {title}", "",
              f"{result['prompts']} held-out captions, {result['steps']} steps, call {result['call_kwargs']}, "
-             f"schedule shift exponent {'the scheduler default' if result['args'].get('mu') is None else result['args']['mu']}, "
+             f"schedule shift exponent {_mu_text(result)}, "
              f"{result['reference_seconds_per_image']:.3f} s per reference image, {result['minutes']:.1f} min in all.", "",
              "## PSNR vs the uncached output (dB, mean over prompts)", "", head, rule]
     for name in names:
@@ -343,7 +352,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--resolution", type=int, default=None, help="image size (default: the testbed's)")
     parser.add_argument("--mu", type=float, default=None,
                         help="the schedule's shift exponent at any size (FLUX.1-dev at 1024 px: 1.15, shift e^1.15 = 3.16); "
-                             "default: the testbed scheduler's own, which FLUX's rule puts at 0.46 for 16 tokens")
+                             "default: the testbed scheduler's own (the shipped one: 1.15; FLUX's size rule gives 64 tokens 0.47)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=16, help="captions per pipeline call")
     parser.add_argument("--threads", type=int, default=1)
@@ -378,6 +387,7 @@ def main(argv=None) -> Path:
 
     result = measure(pipe, captions, args, call_kwargs, stated_captions=stated)
     result["testbed"] = str(args.testbed or "shipped")
+    result["mu"] = effective_mu(pipe, call_kwargs["height"], call_kwargs["width"])
     result["args"] = {k: v for k, v in vars(args).items()}
     name = args.name or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = Path(args.out) / name

@@ -1,5 +1,6 @@
 """The shipped testbed pipeline, and the training script's smoke run."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,8 @@ def test_shipped_pipeline_loads_and_generates():
     assert image.size == (64, 64)
     assert np.asarray(image).std() > 1  # not a blank image
     assert set(check(image, caption)) >= {"shape", "colour", "position", "size"}
+    # it samples on FLUX.1-dev's 1024 px time grid (mu 1.15) at its own 64 tokens, not at FluxPipeline's 0.47
+    assert pipe.scheduler.config.base_shift == pipe.scheduler.config.max_shift == 1.15
 
 
 def test_missing_folder_gives_a_one_line_error(tmp_path):
@@ -43,11 +46,13 @@ def test_training_experiment_smoke_run(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "run.py", "experiment=testbed_train", f"train.out_dir={out}", f"paths.outputs={tmp_path}",
-         *(f"train.{o}" for o in SMOKE)],
+         *(f"train.{o}" for o in SMOKE), "train.schedule_mu=0.8"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "pipeline" / "model_index.json").is_file()
+    scheduler = json.loads((out / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["base_shift"] == scheduler["max_shift"] == 0.8  # the schedule it was evaluated at ships with it
     assert (out / "samples" / "final.png").is_file() and (out / "samples" / "vae_reconstructions.png").is_file()
     assert "transformer/loss" in proc.stderr + proc.stdout
 

@@ -108,4 +108,9 @@ def test_mu_is_named_in_the_report_and_refused_without_dynamic_shifting(tmp_path
     config = folder / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "use_dynamic_shifting": True}))
     out = regime.main([*args, "--name", "mu0"])
-    assert "schedule shift exponent 0.0," in (out / "regime.md").read_text()  # 0 is a shift, not "the default"
+    assert "schedule shift exponent 0.0 (--mu)," in (out / "regime.md").read_text()  # 0 is a shift, not "the default"
+    # without --mu the report names the mu FluxPipeline samples at: here one fixed in the folder, as the shipped one's
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_shift": 0.8, "max_shift": 0.8}))
+    own = [a for i, a in enumerate(args) if "--mu" not in args[max(i - 1, 0):i + 1]]
+    out = regime.main([*own, "--name", "own"])
+    assert "schedule shift exponent 0.8 (the scheduler's own)," in (out / "regime.md").read_text()

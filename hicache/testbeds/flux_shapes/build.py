@@ -148,6 +148,19 @@ def build_scheduler():
     )
 
 
+def with_shift(scheduler, mu: float):
+    """The FLUX scheduler with its shift exponent fixed at `mu` for every image size.
+
+    FluxPipeline interpolates mu linearly in the token count between base_shift (256 tokens) and
+    max_shift (4096), so a 16- or 64-token testbed samples at mu 0.46 (shift 1.6) where FLUX.1-dev at
+    1024 px samples at 1.15 (shift 3.2); with base_shift == max_shift the interpolation returns mu
+    everywhere, and the folder saved from it keeps that schedule."""
+    if not scheduler.config.get("use_dynamic_shifting"):
+        raise ValueError(f"a fixed mu needs a scheduler with use_dynamic_shifting (FLUX's); {type(scheduler).__name__} "
+                         f"here shifts by its fixed shift={scheduler.config.get('shift')}")
+    return type(scheduler).from_config(scheduler.config, base_shift=mu, max_shift=mu)
+
+
 def build_pipeline(sizes: TestbedSizes | None = None, seed: int = 0):
     """The untrained testbed pipeline, deterministic in `seed`."""
     from diffusers import FluxPipeline

@@ -266,7 +266,9 @@ def heldout_scenes(n: int, seed: int = 0, variation: Variation = DEFAULT_VARIATI
 
 def heldout_captions(n: int = 64, seed: int = 0, variation: Variation | None = None) -> list[str]:
     """The held-out prompts of a testbed trained on `variation` (default: the shipped testbed's, from its
-    `testbed.json`). Only the `unsaid_*` knobs change captions; the others vary what captions do not say."""
+    `testbed.json`). The knobs vary what captions do not say (the `unsaid_*` ones also what they say), but any
+    knob that draws random numbers per scene (clouds, texture, size spread, unsaid) shifts the stream, so each
+    variation has its own held-out captions: compare testbeds on one set (`testbed_regime.py` scores (c) on both)."""
     if variation is None:
         variation = shipped_variation()
     return [s.caption for s in heldout_scenes(n, seed, variation)]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from scipy.ndimage import maximum_filter
 from tqdm.auto import tqdm
 
-from .build import TestbedSizes, build_pipeline
+from .build import TestbedSizes, build_pipeline, with_shift
 from .dataset import DEFAULT_VARIATION, ShapesDataset, Variation, heldout_captions, render, shape_mask
 
 logger = logging.getLogger(__name__)
@@ -284,6 +284,9 @@ def stage_configs(cfg: Any) -> tuple[Variation, VAEStageConfig, TransformerStage
     variation = Variation(**OmegaConf.to_container(cfg.data, resolve=True)) if cfg.get("data") else Variation()
     vae_cfg = VAEStageConfig(**OmegaConf.to_container(cfg.vae, resolve=True))
     tr_cfg = TransformerStageConfig(**OmegaConf.to_container(cfg.transformer, resolve=True))
+    mu = cfg.get("schedule_mu")
+    if mu is not None and not (isinstance(mu, (int, float)) and not isinstance(mu, bool) and math.isfinite(mu)):
+        raise ValueError(f"schedule_mu must be a number (FLUX.1-dev at 1024 px: 1.15) or null; got {mu!r}")
     return variation, vae_cfg, tr_cfg
 
 
@@ -304,6 +307,8 @@ def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:
         pipe = load_pipeline(Path(cfg.init_from))
     else:
         pipe = build_pipeline(sizes, seed=cfg.seed)
+    if cfg.get("schedule_mu") is not None:  # sample (and so evaluate and ship) at one shift exponent for every size
+        pipe.scheduler = with_shift(pipe.scheduler, float(cfg.schedule_mu))
     pipe.set_progress_bar_config(disable=True)
     data = ShapesDataset(seed=cfg.seed, variation=variation)
     cap = cfg.max_steps

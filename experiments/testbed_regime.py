@@ -350,6 +350,8 @@ def main(argv=None) -> Path:
     parser.add_argument("--true-cfg", type=float, default=None,
                         help="true classifier-free guidance scale (default: the testbed's PIPELINE_CALL_KWARGS)")
     parser.add_argument("--resolution", type=int, default=None, help="image size (default: the testbed's)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="guidance scale of a guidance-distilled testbed (FLUX.1-dev: 3.5); refused without a guidance embedding")
     parser.add_argument("--mu", type=float, default=None,
                         help="the schedule's shift exponent at any size (FLUX.1-dev at 1024 px: 1.15, shift e^1.15 = 3.16); "
                              "default: the testbed scheduler's own (the shipped one: 1.15; FLUX's size rule gives 64 tokens 0.47)")
@@ -381,6 +383,11 @@ def main(argv=None) -> Path:
         call_kwargs["true_cfg_scale"] = args.true_cfg
     if args.resolution is not None:
         call_kwargs.update(height=args.resolution, width=args.resolution)
+    if args.guidance is not None:
+        if not pipe.transformer.config.get("guidance_embeds"):  # FluxPipeline would ignore the scale without a word
+            parser.error("--guidance needs a guidance-distilled transformer (guidance_embeds); this one has none: "
+                         "use --true-cfg for classifier-free guidance")
+        call_kwargs["guidance_scale"] = args.guidance
     variation = variation_of(args.testbed or TESTBED_DIR)  # the caption distribution it was trained on
     captions = heldout_captions(args.prompts, seed=args.seed, variation=variation)
     stated = heldout_captions(args.prompts, seed=args.seed, variation=DEFAULT_VARIATION)

@@ -105,6 +105,9 @@ def test_mu_is_named_in_the_report_and_refused_without_dynamic_shifting(tmp_path
     with pytest.raises(SystemExit):  # the tiny pipeline's scheduler has a fixed shift: --mu would be ignored
         regime.main(args)
     assert "use_dynamic_shifting" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no guidance embedding: FluxPipeline would ignore guidance_scale
+        regime.main([*[a for i, a in enumerate(args) if "--mu" not in args[max(i - 1, 0):i + 1]], "--guidance", "3.5"])
+    assert "guidance_embeds" in capsys.readouterr().err
     config = folder / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "use_dynamic_shifting": True}))
     out = regime.main([*args, "--name", "mu0"])

@@ -28,6 +28,7 @@ from scipy.ndimage import maximum_filter
 from tqdm.auto import tqdm
 
 from .build import TestbedSizes, build_pipeline, with_shift
+from .distill import GuidanceStageConfig, distill_guidance
 from .dataset import DEFAULT_VARIATION, ShapesDataset, Variation, heldout_captions, render, shape_mask
 
 logger = logging.getLogger(__name__)
@@ -183,6 +184,8 @@ def train_transformer(pipe, data: ShapesDataset, cfg: TransformerStageConfig, lo
                       on_step: Callable[[int], None] | None = None) -> dict[str, float]:
     from diffusers import FluxPipeline
 
+    if cfg.steps == 0:  # e.g. only a guidance distillation of an init_from folder
+        return {"transformer/steps_done": 0}
     latents, token_ids, (h, w) = encode_pool(pipe, data, cfg.pool_size, start_index)
     img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, latents.device, latents.dtype)
     txt_ids = torch.zeros(token_ids.shape[1], 3)
@@ -277,8 +280,8 @@ def checker_accuracy(images, captions) -> float:
     return accuracy([check(im, cap) for im, cap in zip(images, captions)])
 
 
-def stage_configs(cfg: Any) -> tuple[Variation, VAEStageConfig, TransformerStageConfig]:
-    """The data variation and the two stages' settings of a composed `train` config; ValueError names a bad knob."""
+def stage_configs(cfg: Any) -> tuple[Variation, VAEStageConfig, TransformerStageConfig, GuidanceStageConfig]:
+    """The data variation and the stages' settings of a composed `train` config; ValueError names a bad knob."""
     from omegaconf import OmegaConf
 
     variation = Variation(**OmegaConf.to_container(cfg.data, resolve=True)) if cfg.get("data") else Variation()
@@ -287,7 +290,8 @@ def stage_configs(cfg: Any) -> tuple[Variation, VAEStageConfig, TransformerStage
     mu = cfg.get("schedule_mu")
     if mu is not None and not (isinstance(mu, (int, float)) and not isinstance(mu, bool) and math.isfinite(mu)):
         raise ValueError(f"schedule_mu must be a number (FLUX.1-dev at 1024 px: 1.15) or null; got {mu!r}")
-    return variation, vae_cfg, tr_cfg
+    guidance = OmegaConf.to_container(cfg.guidance, resolve=True) if cfg.get("guidance") else {}
+    return variation, vae_cfg, tr_cfg, GuidanceStageConfig(**guidance)
 
 
 def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:
@@ -296,7 +300,7 @@ def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:
 
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
-    variation, vae_cfg, tr_cfg = stage_configs(cfg)
+    variation, vae_cfg, tr_cfg, guidance_cfg = stage_configs(cfg)
     torch.manual_seed(cfg.seed)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     sizes = TestbedSizes(**{k: tuple(v) if isinstance(v, list) else v for k, v in model.items()})
@@ -350,6 +354,14 @@ def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:
     tr_stats = train_transformer(pipe, data, tr_cfg, log, start_index=pool_start, on_step=sample_grid)
     results["transformer/steps_done"] = tr_stats["transformer/steps_done"]
     results["transformer/minutes"] = (time.perf_counter() - t1) / 60
+    if guidance_cfg.steps > 0:  # fold classifier-free guidance into a guidance embedding (the teacher needs caption dropout)
+        t2 = time.perf_counter()
+        if cap is not None:
+            guidance_cfg.steps, guidance_cfg.pool_size = min(guidance_cfg.steps, cap), min(guidance_cfg.pool_size, cap * guidance_cfg.batch_size)
+        pipe.transformer, g_stats = distill_guidance(pipe, data, guidance_cfg, log, start_index=pool_start + 2_000_000,
+                                                     seed=int(cfg.seed))
+        results["guidance/steps_done"] = g_stats["guidance/steps_done"]
+        results["guidance/minutes"] = (time.perf_counter() - t2) / 60
 
     eval_caps = heldout_captions(cfg.samples.eval_captions, seed=cfg.seed, variation=variation)
     images = generate(pipe, eval_caps, cfg.samples.num_inference_steps, seed=cfg.seed)
@@ -360,6 +372,10 @@ def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:
         stated = heldout_captions(cfg.samples.eval_captions, seed=cfg.seed, variation=DEFAULT_VARIATION)
         results["eval/checker_accuracy_stated"] = checker_accuracy(
             generate(pipe, stated, cfg.samples.num_inference_steps, seed=cfg.seed), stated)
+    for scale in (cfg.samples.get("guidance_scales") or []) if pipe.transformer.config.guidance_embeds else []:
+        distilled = generate(pipe, eval_caps, cfg.samples.num_inference_steps, seed=cfg.seed, guidance_scale=float(scale))
+        results[f"eval/checker_accuracy_guidance{scale:g}"] = checker_accuracy(distilled, eval_caps)
+        save_grid(distilled[: cfg.samples.num_captions], samples / f"final_guidance{scale:g}.png")
     for scale in cfg.samples.get("cfg_scales") or []:  # true classifier-free guidance (caption dropout)
         guided = generate(pipe, eval_caps, cfg.samples.num_inference_steps, seed=cfg.seed, true_cfg_scale=float(scale))
         results[f"eval/checker_accuracy_cfg{scale:g}"] = checker_accuracy(guided, eval_caps)

@@ -70,3 +70,17 @@ def test_training_with_distillation_ships_a_guidance_embedded_pipeline(tmp_path)
     kwargs = {**PIPELINE_CALL_KWARGS, "guidance_scale": 3.5}
     image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), **kwargs).images[0]
     assert image.size == (64, 64)
+
+
+def test_a_distilled_student_continues_only_with_its_teacher(tmp_path):
+    from types import SimpleNamespace
+
+    from hicache.testbeds.flux_shapes.distill import distill_guidance
+
+    student = with_guidance_embedding(tiny_flux_transformer(seed=3))
+    with pytest.raises(ValueError, match="guidance.teacher"):
+        distill_guidance(SimpleNamespace(transformer=student), None, GuidanceStageConfig(steps=1), print, 0)
+    student.save_pretrained(tmp_path / "distilled" / "transformer")
+    with pytest.raises(ValueError, match="two branches"):
+        distill_guidance(SimpleNamespace(transformer=student), None,
+                         GuidanceStageConfig(steps=1, teacher=str(tmp_path / "distilled")), print, 0)

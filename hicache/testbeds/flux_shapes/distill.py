@@ -34,6 +34,7 @@ class GuidanceStageConfig:
     timestep_shift: float = 1.0          # as TransformerStageConfig.timestep_shift
     time_limit_minutes: float | None = None
     log_every: int = 20
+    teacher: str | None = None           # FluxPipeline folder of the teacher; needed to continue an already distilled student
 
     def __post_init__(self):
         if self.steps < 0:
@@ -61,14 +62,24 @@ def with_guidance_embedding(transformer):
 
 
 def distill_guidance(pipe, data, cfg: GuidanceStageConfig, log: Logger, start_index: int, seed: int = 0):
-    """Train a guidance-embedded student of `pipe.transformer` (the teacher, frozen, trained with caption dropout);
+    """Train a guidance-embedded student of `pipe.transformer` (the teacher, frozen, trained with caption dropout),
+    or continue `pipe.transformer` if it is already a student (then `cfg.teacher` names the teacher's folder);
     returns (student, stats). Text encoders and VAE stay frozen."""
-    from diffusers import FluxPipeline
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
     from .train import _cosine_lr, encode_pool, encode_text, shift_timesteps, tokenize
 
-    teacher = pipe.transformer.eval().requires_grad_(False)
-    student = with_guidance_embedding(teacher).train()
+    if pipe.transformer.config.guidance_embeds:
+        if cfg.teacher is None:
+            raise ValueError("the transformer is already guidance-distilled: set guidance.teacher to the teacher's folder")
+        teacher = FluxTransformer2DModel.from_pretrained(cfg.teacher, subfolder="transformer")
+        if teacher.config.guidance_embeds:
+            raise ValueError(f"guidance.teacher {cfg.teacher} is itself guidance-distilled; it must have two branches")
+        student = pipe.transformer.train().requires_grad_(True)
+    else:
+        teacher = pipe.transformer
+        student = with_guidance_embedding(teacher).train()
+    teacher = teacher.eval().requires_grad_(False)
     latents, token_ids, (h, w) = encode_pool(pipe, data, cfg.pool_size, start_index)
     img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, latents.device, latents.dtype)
     txt_ids = torch.zeros(token_ids.shape[1], 3)

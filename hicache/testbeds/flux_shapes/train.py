@@ -357,7 +357,8 @@ def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:
     if guidance_cfg.steps > 0:  # fold classifier-free guidance into a guidance embedding (the teacher needs caption dropout)
         t2 = time.perf_counter()
         if cap is not None:
-            guidance_cfg.steps, guidance_cfg.pool_size = min(guidance_cfg.steps, cap), min(guidance_cfg.pool_size, cap * guidance_cfg.batch_size)
+            guidance_cfg.steps = min(guidance_cfg.steps, cap)
+            guidance_cfg.pool_size = min(guidance_cfg.pool_size, cap * guidance_cfg.batch_size)
         pipe.transformer, g_stats = distill_guidance(pipe, data, guidance_cfg, log, start_index=pool_start + 2_000_000,
                                                      seed=int(cfg.seed))
         results["guidance/steps_done"] = g_stats["guidance/steps_done"]
@@ -372,7 +373,12 @@ def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:
         stated = heldout_captions(cfg.samples.eval_captions, seed=cfg.seed, variation=DEFAULT_VARIATION)
         results["eval/checker_accuracy_stated"] = checker_accuracy(
             generate(pipe, stated, cfg.samples.num_inference_steps, seed=cfg.seed), stated)
-    for scale in (cfg.samples.get("guidance_scales") or []) if pipe.transformer.config.guidance_embeds else []:
+    guidance_scales = cfg.samples.get("guidance_scales") or []
+    if guidance_scales and not pipe.transformer.config.guidance_embeds:
+        logger.warning("samples.guidance_scales %s not measured: this transformer has no guidance embedding "
+                       "(train.guidance.steps > 0 distils one)", list(guidance_scales))
+        guidance_scales = []
+    for scale in guidance_scales:
         distilled = generate(pipe, eval_caps, cfg.samples.num_inference_steps, seed=cfg.seed, guidance_scale=float(scale))
         results[f"eval/checker_accuracy_guidance{scale:g}"] = checker_accuracy(distilled, eval_caps)
         save_grid(distilled[: cfg.samples.num_captions], samples / f"final_guidance{scale:g}.png")

@@ -9,7 +9,6 @@ as the teacher's conditional branch (the new embedder's last layer is zero), so 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -67,7 +66,7 @@ def distill_guidance(pipe, data, cfg: GuidanceStageConfig, log: Logger, start_in
     returns (student, stats). Text encoders and VAE stay frozen."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    from .train import _cosine_lr, encode_pool, encode_text, shift_timesteps, tokenize
+    from .train import WallClockSchedule, encode_pool, encode_text, shift_timesteps, tokenize
 
     if pipe.transformer.config.guidance_embeds:
         if cfg.teacher is None:
@@ -86,12 +85,8 @@ def distill_guidance(pipe, data, cfg: GuidanceStageConfig, log: Logger, start_in
     with torch.no_grad():
         empty_sequence, empty_pooled = encode_text(pipe, tokenize(pipe.tokenizer, [""]))
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = time.perf_counter()
-
-    def time_progress() -> float:
-        return 0.0 if cfg.time_limit_minutes is None else (time.perf_counter() - start) / (60 * cfg.time_limit_minutes)
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.steps, cfg.warmup_steps, time_progress()))
+    clock = WallClockSchedule(opt, cfg.steps, cfg.warmup_steps, cfg.time_limit_minutes)
+    sched = clock.lr
     generator = torch.Generator().manual_seed(seed * 7919 + 29)
     stats: dict[str, float] = {}
     step = -1
@@ -118,11 +113,11 @@ def distill_guidance(pipe, data, cfg: GuidanceStageConfig, log: Logger, start_in
         opt.step()
         sched.step()
         stats = {"guidance/loss": loss.item(), "guidance/grad_norm": grad_norm, "guidance/lr": sched.get_last_lr()[0],
-                 "guidance/elapsed_s": time.perf_counter() - start}
+                 "guidance/elapsed_s": clock.elapsed()}
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             log(stats, step)
-        if cfg.time_limit_minutes is not None and time.perf_counter() - start > 60 * cfg.time_limit_minutes:
+        if clock.expired():
             break
     stats["guidance/steps_done"] = step + 1
     return student.eval().requires_grad_(False), stats

@@ -57,6 +57,23 @@ def _cosine_lr(step: int, total: int, warmup: int, time_progress: float = 0.0) -
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+class WallClockSchedule:
+    """`_cosine_lr` on an optimiser, with the stage's wall-clock limit: `expired()` says when to stop."""
+
+    def __init__(self, opt, steps: int, warmup: int, time_limit_minutes: float | None):
+        self.start, self.limit_s = time.perf_counter(), None if time_limit_minutes is None else 60 * time_limit_minutes
+        self.lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps, warmup, self.time_progress()))
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def time_progress(self) -> float:
+        return 0.0 if self.limit_s is None else self.elapsed() / self.limit_s
+
+    def expired(self) -> bool:
+        return self.limit_s is not None and self.elapsed() > self.limit_s
+
+
 @dataclass
 class VAEStageConfig:
     steps: int = 1500
@@ -200,14 +217,8 @@ def train_transformer(pipe, data: ShapesDataset, cfg: TransformerStageConfig, lo
             groups.append({"params": list(enc.parameters()), "lr": cfg.text_lr})
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    start = time.perf_counter()
-
-    def time_progress() -> float:
-        if cfg.time_limit_minutes is None:
-            return 0.0
-        return (time.perf_counter() - start) / (60 * cfg.time_limit_minutes)
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.steps, cfg.warmup_steps, time_progress()))
+    clock = WallClockSchedule(opt, cfg.steps, cfg.warmup_steps, cfg.time_limit_minutes)
+    sched = clock.lr
     generator = torch.Generator().manual_seed(int(data.seed) * 7919 + 17)
     empty_ids = tokenize(pipe.tokenizer, [""])  # the unconditional prompt of classifier-free guidance
     stats: dict[str, float] = {}
@@ -234,13 +245,13 @@ def train_transformer(pipe, data: ShapesDataset, cfg: TransformerStageConfig, lo
         opt.step()
         sched.step()
         stats = {"transformer/loss": loss.item(), "transformer/grad_norm": grad_norm,
-                 "transformer/lr": sched.get_last_lr()[0], "transformer/elapsed_s": time.perf_counter() - start}
+                 "transformer/lr": sched.get_last_lr()[0], "transformer/elapsed_s": clock.elapsed()}
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             log(stats, step)
         if on_step is not None:
             on_step(step)
-        if cfg.time_limit_minutes is not None and time.perf_counter() - start > 60 * cfg.time_limit_minutes:
+        if clock.expired():
             logger.warning("transformer stage stopped by time_limit_minutes after %d of %d steps", step + 1, cfg.steps)
             break
     stats["transformer/steps_done"] = step + 1

@@ -218,7 +218,8 @@ def test_bad_cloud_octaves_and_timestep_shift_stop_in_one_line(tmp_path):
         with pytest.raises(ValueError, match="cloud_octaves"):
             Variation(clouds=0.3, cloud_octaves=bad)
     repo = Path(__file__).resolve().parents[1]
-    for override in ("train.data.cloud_octaves=[]", "train.transformer.timestep_shift=0", "train.schedule_mu=fast"):
+    for override in ("train.data.cloud_octaves=[]", "train.transformer.timestep_shift=0", "train.schedule_mu=fast",
+                     "train.guidance.scale_min=0"):
         result = subprocess.run([sys.executable, "run.py", "experiment=testbed_train", override, "train.wandb.mode=disabled",
                                  f"train.out_dir={tmp_path / 'out'}", f"paths.outputs={tmp_path}"],
                                 cwd=repo, capture_output=True, text=True, timeout=300)

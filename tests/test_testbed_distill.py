@@ -84,3 +84,17 @@ def test_a_distilled_student_continues_only_with_its_teacher(tmp_path):
     with pytest.raises(ValueError, match="two branches"):
         distill_guidance(SimpleNamespace(transformer=student), None,
                          GuidanceStageConfig(steps=1, teacher=str(tmp_path / "distilled")), print, 0)
+
+
+def test_continuing_a_distilled_folder_without_its_teacher_stops_in_one_line(tmp_path):
+    from hicache.testbeds.tiny.flux import save_tiny_flux_pipeline
+
+    folder = save_tiny_flux_pipeline(tmp_path / "tiny")
+    config = folder / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "guidance_embeds": True}))
+    result = subprocess.run([sys.executable, "run.py", "experiment=testbed_train", f"train.init_from={folder}",
+                             "train.guidance.steps=2", "train.wandb.mode=disabled", f"train.out_dir={tmp_path / 'out'}",
+                             f"paths.outputs={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: train: guidance:") and "guidance.teacher" in lines[0]

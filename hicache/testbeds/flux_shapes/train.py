@@ -301,8 +301,13 @@ def stage_configs(cfg: Any) -> tuple[Variation, VAEStageConfig, TransformerStage
     mu = cfg.get("schedule_mu")
     if mu is not None and not (isinstance(mu, (int, float)) and not isinstance(mu, bool) and math.isfinite(mu)):
         raise ValueError(f"schedule_mu must be a number (FLUX.1-dev at 1024 px: 1.15) or null; got {mu!r}")
-    guidance = OmegaConf.to_container(cfg.guidance, resolve=True) if cfg.get("guidance") else {}
-    return variation, vae_cfg, tr_cfg, GuidanceStageConfig(**guidance)
+    guidance = GuidanceStageConfig(**(OmegaConf.to_container(cfg.guidance, resolve=True) if cfg.get("guidance") else {}))
+    if guidance.steps > 0 and guidance.teacher is None and cfg.get("init_from"):
+        config = Path(cfg.init_from) / "transformer" / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("guidance_embeds"):
+            raise ValueError(f"guidance: init_from {cfg.init_from} is already guidance-distilled; "
+                             "set guidance.teacher to its two-branch teacher's folder")
+    return variation, vae_cfg, tr_cfg, guidance
 
 
 def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:

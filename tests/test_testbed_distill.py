@@ -86,15 +86,28 @@ def test_a_distilled_student_continues_only_with_its_teacher(tmp_path):
                          GuidanceStageConfig(steps=1, teacher=str(tmp_path / "distilled")), print, 0)
 
 
+def _one_line_error(tmp_path, *overrides) -> str:
+    result = subprocess.run([sys.executable, "run.py", "experiment=testbed_train", *overrides, "train.wandb.mode=disabled",
+                             f"train.out_dir={tmp_path / 'out'}", f"paths.outputs={tmp_path}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    return lines[0]
+
+
 def test_continuing_a_distilled_folder_without_its_teacher_stops_in_one_line(tmp_path):
     from hicache.testbeds.tiny.flux import save_tiny_flux_pipeline
 
     folder = save_tiny_flux_pipeline(tmp_path / "tiny")
     config = folder / "transformer" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "guidance_embeds": True}))
-    result = subprocess.run([sys.executable, "run.py", "experiment=testbed_train", f"train.init_from={folder}",
-                             "train.guidance.steps=2", "train.wandb.mode=disabled", f"train.out_dir={tmp_path / 'out'}",
-                             f"paths.outputs={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: train: guidance:") and "guidance.teacher" in lines[0]
+    line = _one_line_error(tmp_path, f"train.init_from={folder}", "train.transformer.steps=0", "train.guidance.steps=2")
+    assert line.startswith("error: train: guidance:") and "guidance.teacher" in line
+    # the transformer stage cannot train a distilled transformer (FluxPipeline's forward needs a guidance then)
+    line = _one_line_error(tmp_path, f"train.init_from={folder}", "train.guidance.steps=2")
+    assert line.startswith("error: train: transformer:") and "transformer.steps=0" in line
+
+
+def test_guidance_scales_without_a_distilled_transformer_stop_in_one_line(tmp_path):
+    line = _one_line_error(tmp_path, "train.max_steps=2", "train.samples.guidance_scales=[3.5]")
+    assert line.startswith("error: train: samples.guidance_scales") and "guidance.steps" in line

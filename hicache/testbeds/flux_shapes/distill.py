@@ -9,6 +9,7 @@ as the teacher's conditional branch (the new embedder's last layer is zero), so 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 Logger = Callable[[dict, int], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,6 +120,7 @@ def distill_guidance(pipe, data, cfg: GuidanceStageConfig, log: Logger, start_in
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             log(stats, step)
         if clock.expired():
+            logger.warning("guidance stage stopped by time_limit_minutes after %d of %d steps", step + 1, cfg.steps)
             break
     stats["guidance/steps_done"] = step + 1
     return student.eval().requires_grad_(False), stats

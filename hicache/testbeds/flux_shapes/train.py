@@ -302,11 +302,18 @@ def stage_configs(cfg: Any) -> tuple[Variation, VAEStageConfig, TransformerStage
     if mu is not None and not (isinstance(mu, (int, float)) and not isinstance(mu, bool) and math.isfinite(mu)):
         raise ValueError(f"schedule_mu must be a number (FLUX.1-dev at 1024 px: 1.15) or null; got {mu!r}")
     guidance = GuidanceStageConfig(**(OmegaConf.to_container(cfg.guidance, resolve=True) if cfg.get("guidance") else {}))
-    if guidance.steps > 0 and guidance.teacher is None and cfg.get("init_from"):
-        config = Path(cfg.init_from) / "transformer" / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("guidance_embeds"):
-            raise ValueError(f"guidance: init_from {cfg.init_from} is already guidance-distilled; "
-                             "set guidance.teacher to its two-branch teacher's folder")
+    config = Path(cfg.init_from) / "transformer" / "config.json" if cfg.get("init_from") else None
+    init_distilled = config is not None and config.is_file() and json.loads(config.read_text()).get("guidance_embeds", False)
+    # all three would otherwise surface only after the earlier stages have run, two of them as a library traceback
+    if init_distilled and tr_cfg.steps > 0:
+        raise ValueError(f"transformer: init_from {cfg.init_from} is guidance-distilled and the transformer stage trains "
+                         "two-branch models; set transformer.steps=0 (and guidance.steps, guidance.teacher to distil further)")
+    if init_distilled and guidance.steps > 0 and guidance.teacher is None:
+        raise ValueError(f"guidance: init_from {cfg.init_from} is already guidance-distilled; "
+                         "set guidance.teacher to its two-branch teacher's folder")
+    if cfg.get("samples") and cfg.samples.get("guidance_scales") and guidance.steps == 0 and not init_distilled:
+        raise ValueError("samples.guidance_scales needs a guidance-distilled transformer: set guidance.steps > 0 "
+                         "or init_from a distilled folder (true CFG: samples.cfg_scales)")
     return variation, vae_cfg, tr_cfg, guidance
 
 
@@ -389,12 +396,7 @@ def run(cfg: Any, out_dir: Path, log: Logger) -> dict[str, float]:
         stated = heldout_captions(cfg.samples.eval_captions, seed=cfg.seed, variation=DEFAULT_VARIATION)
         results["eval/checker_accuracy_stated"] = checker_accuracy(
             generate(pipe, stated, cfg.samples.num_inference_steps, seed=cfg.seed), stated)
-    guidance_scales = cfg.samples.get("guidance_scales") or []
-    if guidance_scales and not pipe.transformer.config.guidance_embeds:
-        logger.warning("samples.guidance_scales %s not measured: this transformer has no guidance embedding "
-                       "(train.guidance.steps > 0 distils one)", list(guidance_scales))
-        guidance_scales = []
-    for scale in guidance_scales:
+    for scale in cfg.samples.get("guidance_scales") or []:  # stage_configs made sure the transformer is distilled
         distilled = generate(pipe, eval_caps, cfg.samples.num_inference_steps, seed=cfg.seed, guidance_scale=float(scale))
         results[f"eval/checker_accuracy_guidance{scale:g}"] = checker_accuracy(distilled, eval_caps)
         save_grid(distilled[: cfg.samples.num_captions], samples / f"final_guidance{scale:g}.png")
